@@ -1,0 +1,78 @@
+# Copyright (c) runbook.sqlite_app contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from ansible_collections.runbook.sqlite_app.plugins.module_utils import _fileio
+from ansible_collections.runbook.sqlite_app.plugins.module_utils._errors import RunbookError
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_write_file_is_atomic_and_private(tmp_path):
+    target = tmp_path / "secret.env"
+    _fileio.write_file(str(target), b"A=1\n")
+    assert target.read_bytes() == b"A=1\n"
+    assert _mode(target) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["secret.env"]
+
+
+def test_write_file_mode_is_applied(tmp_path):
+    target = tmp_path / "server.crt"
+    _fileio.write_file(str(target), b"cert", mode=0o644)
+    assert _mode(target) == 0o644
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "data.txt"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with _fileio.StagedFile(str(target)) as staged:
+            staged.write(b"new partial")
+            raise RuntimeError("killed half way")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["data.txt"]
+
+
+def test_commit_together_publishes_both(tmp_path):
+    crt = _fileio.StagedFile(str(tmp_path / "a.crt"), mode=0o644)
+    key = _fileio.StagedFile(str(tmp_path / "a.key"))
+    crt.write(b"C")
+    key.write(b"K")
+    _fileio.commit_together([crt, key])
+    assert (tmp_path / "a.crt").read_bytes() == b"C"
+    assert _mode(tmp_path / "a.key") == 0o600
+
+
+def test_unknown_owner_is_a_clear_error(tmp_path):
+    with pytest.raises(RunbookError, match="no such user"):
+        _fileio.write_file(str(tmp_path / "x"), b"x", owner="no-such-user-here")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_directory_names_the_path(tmp_path):
+    with pytest.raises(RunbookError, match=str(tmp_path / "nope")):
+        _fileio.write_file(str(tmp_path / "nope" / "x"), b"x")
+
+
+def test_copy_file_streams(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 * _fileio.COPY_CHUNK + 17))
+    _fileio.copy_file(str(src), str(tmp_path / "dst.bin"))
+    assert (tmp_path / "dst.bin").read_bytes() == src.read_bytes()
+
+
+def test_remove_stale_temps_only_touches_ours(tmp_path):
+    (tmp_path / (_fileio.TEMP_PREFIX + "abc")).write_bytes(b"partial")
+    (tmp_path / "keep.db").write_bytes(b"x")
+    removed = _fileio.remove_stale_temps(str(tmp_path))
+    assert len(removed) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.db"]

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Run one molecule scenario: create, prepare, converge, idempotence (changed=0), a check-mode
+# converge that must also report changed=0 on the converged host, verify (testinfra), destroy.
+# molecule's own `check` step does not fail on changes, so the recap is read here.
+set -uo pipefail
+scenario="$1"
+root=$(cd "$(dirname "$0")/.." && pwd)
+log="$root/build/molecule-$scenario.log"
+mkdir -p "$root/build"
+: >"$log"
+run() {
+    echo "molecule[$scenario]: $*" | tee -a "$log"
+    "$root/.venv/bin/molecule" "$@" -s "$scenario" >>"$log" 2>&1
+}
+status=0
+run destroy >/dev/null || true
+if run create && run prepare && run converge && run idempotence; then
+    check_log="$root/build/molecule-$scenario-check.log"
+    echo "molecule[$scenario]: check (a check-mode converge must change nothing)" | tee -a "$log"
+    if "$root/.venv/bin/molecule" check -s "$scenario" >"$check_log" 2>&1; then
+        cat "$check_log" >>"$log"
+        if grep -E '^\S+ +: ok=' "$check_log" | grep -Ev 'changed=0 ' >/dev/null; then
+            echo "molecule[$scenario]: FAILED: the check-mode run on a converged host reports changes:" | tee -a "$log"
+            grep -E '^\S+ +: ok=' "$check_log" | tee -a "$log"
+            status=1
+        fi
+    else
+        cat "$check_log" >>"$log"
+        echo "molecule[$scenario]: FAILED: check-mode run failed" | tee -a "$log"
+        status=1
+    fi
+    if [ "$status" = 0 ]; then
+        run verify || status=1
+    fi
+else
+    status=1
+fi
+run destroy >/dev/null || true
+if [ "$status" != 0 ]; then
+    echo "molecule[$scenario]: FAILED; last lines of $log:"
+    tail -n 60 "$log"
+fi
+exit "$status"

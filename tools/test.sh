@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Everything CI runs, in one command (make test): lint, sanity, units, integration, molecule.
+# Stages: pass names to run some (tools/test.sh lint units); default: all.
+# Ends with a "test: N passed, N failed" line counting stages.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+export PATH="$root/.venv/bin:$PATH"
+export NO_COLOR=1 PY_COLORS=0 ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(lint sanity units integration molecule)
+
+bash tools/venv.sh || exit 1
+tree=$(bash tools/collection-tree.sh) || exit 1
+export ANSIBLE_COLLECTIONS_PATH="$root/build"
+
+stage_lint() {
+    yamllint -s . &&
+    ruff check plugins tests examples bench tools &&
+    ansible-lint --profile production --offline
+}
+stage_sanity() {
+    bash tools/ansible-test-prepare.sh &&
+    (cd "$tree" && ansible-test sanity --venv --requirements --python 3.11 --color no)
+}
+stage_units() {
+    (cd "$tree" && ansible-test units --local --python 3.11 --color no)
+}
+stage_integration() {
+    (cd "$tree" && ansible-test integration --local --python 3.11 --color no)
+}
+stage_molecule() {
+    bash tools/dockerd.sh && bash tools/lab-image.sh || return 1
+    local failed=0 scenario
+    for scenario in $(cd molecule && ls -d */ | tr -d / | sort); do
+        [ -f "molecule/$scenario/molecule.yml" ] || continue
+        bash tools/molecule-scenario.sh "$scenario" || failed=1
+    done
+    return $failed
+}
+
+passed=0
+failed=0
+failed_names=()
+for stage in "${stages[@]}"; do
+    start=$(date +%s)
+    echo "=== $stage ==="
+    if "stage_$stage"; then
+        passed=$((passed + 1))
+        echo "=== $stage: ok ($(( $(date +%s) - start )) s) ==="
+    else
+        failed=$((failed + 1))
+        failed_names+=("$stage")
+        echo "=== $stage: FAILED ($(( $(date +%s) - start )) s) ==="
+    fi
+done
+[ "$failed" = 0 ] || echo "failed stages: ${failed_names[*]}"
+echo "test: $passed passed, $failed failed"
+[ "$failed" = 0 ]
