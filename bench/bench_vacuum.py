@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+# Copyright (c) runbook.sqlite_app contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Benchmark: the sqlite_vacuum engine against the same SQL through the sqlite3 CLI.
+
+Builds a database of about --size-mib MiB, deletes every other row (a ~50% freelist), makes two
+identical copies, then times
+  * engine: maintain(check=quick_check, checkpoint=passive, vacuum=always, analyze=analyze)
+  * cli:    sqlite3 DB 'PRAGMA quick_check; VACUUM; ANALYZE;'
+and prints one JSON object. Run from a collection tree (tools/collection-tree.sh) or with the
+collection on PYTHONPATH; figures go to docs/BENCHMARKS.md, never into tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _import_engine():
+    try:
+        from ansible_collections.runbook.sqlite_app.plugins.module_utils import _maintenance
+    except ImportError:
+        # bench/ inside ROOT/ansible_collections/runbook/sqlite_app: put ROOT on the path.
+        root = os.path.abspath(os.path.join(HERE, "..", "..", "..", ".."))
+        sys.path.insert(0, root)
+        try:
+            from ansible_collections.runbook.sqlite_app.plugins.module_utils import _maintenance
+        except ImportError:
+            sys.exit("cannot import the collection: run from a tree made by tools/collection-tree.sh "
+                     "or put its root on PYTHONPATH")
+    return _maintenance
+
+
+def build(path: str, size_mib: int) -> dict:
+    row_bytes = 1024
+    rows = max(1000, size_mib * 1024 * 1024 // (row_bytes + 360))  # ~1.4 KiB of file per row
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = wal")
+    conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, kind TEXT, at INTEGER, body BLOB)")
+    conn.execute("CREATE INDEX events_kind_at ON events (kind, at)")
+    batch = 10000
+    for start in range(0, rows, batch):
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO events (kind, at, body) VALUES (?, ?, randomblob(?))",
+                         [(f"k{i % 17}", i, row_bytes) for i in range(start, min(rows, start + batch))])
+        conn.execute("COMMIT")
+    conn.execute("DELETE FROM events WHERE id % 2 = 0")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    stats = {name: conn.execute(f"PRAGMA {name}").fetchone()[0]
+             for name in ("page_size", "page_count", "freelist_count")}
+    conn.close()
+    stats["rows"] = rows
+    stats["size_bytes"] = os.path.getsize(path)
+    return stats
+
+
+def run_engine(engine, path: str) -> dict:
+    started = time.perf_counter()
+    result = engine.maintain([path], check="quick_check", checkpoint="passive", vacuum="always", analyze="analyze")
+    seconds = time.perf_counter() - started
+    report = result["databases"][0]
+    return {"seconds": round(seconds, 3), "size_after": os.path.getsize(path),
+            "bytes_reclaimed": report["bytes_reclaimed"]}
+
+
+def run_cli(sqlite3_bin: str, path: str) -> dict:
+    started = time.perf_counter()
+    done = subprocess.run([sqlite3_bin, path, "PRAGMA quick_check; VACUUM; ANALYZE; PRAGMA wal_checkpoint(PASSIVE);"],
+                          capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        return {"error": done.stderr.strip()}
+    return {"seconds": round(seconds, 3), "size_after": os.path.getsize(path)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
+    parser.add_argument("--size-mib", type=int, default=256, help="approximate database size (default 256)")
+    parser.add_argument("--dir", default=None, help="work directory (default: a temp dir, removed afterwards)")
+    parser.add_argument("--sqlite3", default=shutil.which("sqlite3"), help="sqlite3 CLI (default: from PATH)")
+    args = parser.parse_args(argv)
+    engine = _import_engine()
+    work = tempfile.mkdtemp(prefix="bench-vacuum-", dir=args.dir)
+    try:
+        source = os.path.join(work, "source.db")
+        started = time.perf_counter()
+        built = build(source, args.size_mib)
+        build_seconds = time.perf_counter() - started
+        engine_db = os.path.join(work, "engine.db")
+        cli_db = os.path.join(work, "cli.db")
+        shutil.copyfile(source, engine_db)
+        shutil.copyfile(source, cli_db)
+        os.unlink(source)
+        result = {
+            "bench": "vacuum",
+            "size_mib": args.size_mib,
+            "database": built,
+            "build_seconds": round(build_seconds, 3),
+            "engine": run_engine(engine, engine_db),
+            "sqlite3_cli": run_cli(args.sqlite3, cli_db) if args.sqlite3 else {"error": "sqlite3 CLI not found"},
+            "sqlite_version": sqlite3.sqlite_version,
+            "python": platform.python_version(),
+        }
+        if "seconds" in result["sqlite3_cli"] and result["sqlite3_cli"]["seconds"]:
+            result["engine_vs_cli"] = round(result["engine"]["seconds"] / result["sqlite3_cli"]["seconds"], 3)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
