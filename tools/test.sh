@@ -15,9 +15,12 @@ tree=$(bash tools/collection-tree.sh) || exit 1
 export ANSIBLE_COLLECTIONS_PATH="$root/build"
 
 stage_lint() {
-    yamllint -s . &&
-    ruff check plugins tests examples bench tools &&
-    ansible-lint --profile production --offline
+    local rc=0
+    yamllint -s . || rc=1
+    ruff check plugins tests examples bench tools molecule || rc=1
+    antsibull-changelog lint || rc=1
+    ansible-lint --profile production --offline || rc=1
+    return $rc
 }
 stage_sanity() {
     bash tools/ansible-test-prepare.sh &&
