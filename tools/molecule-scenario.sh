@@ -5,6 +5,8 @@
 set -uo pipefail
 scenario="$1"
 root=$(cd "$(dirname "$0")/.." && pwd)
+export PATH="$root/.venv/bin:$PATH"
+export NO_COLOR=1 PY_COLORS=0 ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1
 log="$root/build/molecule-$scenario.log"
 mkdir -p "$root/build"
 : >"$log"
@@ -19,9 +21,14 @@ if run create && run prepare && run converge && run idempotence; then
     echo "molecule[$scenario]: check (a check-mode converge must change nothing)" | tee -a "$log"
     if "$root/.venv/bin/molecule" check -s "$scenario" >"$check_log" 2>&1; then
         cat "$check_log" >>"$log"
-        if grep -E '^\S+ +: ok=' "$check_log" | grep -Ev 'changed=0 ' >/dev/null; then
+        # PLAY RECAP lines: "<host> : ok=N changed=N ..." (molecule may frame them in a box).
+        recap=$(grep -oE '[A-Za-z0-9_.-]+ +: ok=[0-9]+ +changed=[0-9]+' "$check_log")
+        if [ -z "$recap" ]; then
+            echo "molecule[$scenario]: FAILED: no PLAY RECAP found in the check-mode run" | tee -a "$log"
+            status=1
+        elif grep -Ev 'changed=0$' <<<"$recap" >/dev/null; then
             echo "molecule[$scenario]: FAILED: the check-mode run on a converged host reports changes:" | tee -a "$log"
-            grep -E '^\S+ +: ok=' "$check_log" | tee -a "$log"
+            tee -a "$log" <<<"$recap"
             status=1
         fi
     else
