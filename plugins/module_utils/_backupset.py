@@ -1,0 +1,1172 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) runbook.sqlite_app contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+# Private to runbook.sqlite_app: no compatibility promise for code outside this collection.
+# Standard library only: the backup role runs these engines on hosts that have no Ansible.
+"""Backup sets: one verified tar file per run, holding consistent SQLite snapshots and extra files.
+
+A set is ``<prefix>-<YYYYmmddTHHMMSSZ>[-<label>].tar[.gz|.zst]`` plus ``<set>.sha256`` (sha256sum
+format). The archive starts with ``manifest.json`` (members, sizes, sha256s, per-database pragmas),
+then ``databases/<member>`` and ``files/<relative path>``. See docs/backup-sets.md.
+
+Used by the sqlite_backup / sqlite_restore modules and, on hosts, by ``cli()`` from a systemd timer.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+
+from ansible_collections.runbook.sqlite_app.plugins.module_utils._errors import RunbookError
+from ansible_collections.runbook.sqlite_app.plugins.module_utils._fileio import (
+    StagedFile,
+    apply_attrs,
+    describe_oserror,
+    fsync_dir,
+    make_temp_dir,
+    remove_stale_temps,
+    remove_temp_dir,
+)
+from ansible_collections.runbook.sqlite_app.plugins.module_utils._metrics import write_textfile
+from ansible_collections.runbook.sqlite_app.plugins.module_utils._sqlite import (
+    connect,
+    db_stats,
+    describe_sqlite_error,
+    require_database,
+    run_check,
+    sidecar_paths,
+    table_row_counts,
+)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LOCK_NAME = ".runbook-backup.lock"
+COMPRESSIONS = ("none", "gzip", "zstd")
+EXTENSIONS = {"none": ".tar", "gzip": ".tar.gz", "zstd": ".tar.zst"}
+CHUNK = 1024 * 1024
+GZIP_LEVEL = 6
+ZSTD_LEVEL = 3
+EX_TEMPFAIL = 75
+
+_TS_FORMAT = "%Y%m%dT%H%M%SZ"
+_SET_NAME = re.compile(r"^(?P<prefix>.+?)-(?P<ts>\d{8}T\d{6}Z)(?:-(?P<label>[A-Za-z0-9._-]+?))?"
+                       r"(?P<ext>\.tar|\.tar\.gz|\.tar\.zst)$")
+_LABEL_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+BACKUP_DEFAULTS = {
+    "databases": None, "extra_paths": None, "root": None, "dest": None, "name_prefix": "backup",
+    "label": None, "compression": "zstd", "check": "quick_check", "busy_timeout": 5000,
+    "mode": "0600", "owner": None, "group": None, "state": "present", "keep_last": None,
+    "keep_days": None, "keep_daily": None, "keep_weekly": None, "keep_monthly": None,
+    "lock_timeout": 600, "metrics_file": None,
+}
+RESTORE_DEFAULTS = {
+    "src": None, "set": "latest", "before": None, "label": None, "name_prefix": None, "databases": None,
+    "extra_paths": True, "dest_root": None, "mode": "restore", "drill_dir": None, "force": False,
+    "if_missing": False, "check": "quick_check", "safety_copy": True, "owner": None, "group": None,
+    "busy_timeout": 5000, "lock_timeout": 600,
+}
+RETENTION_KEYS = ("keep_last", "keep_days", "keep_daily", "keep_weekly", "keep_monthly")
+
+
+class LockTimeout(RunbookError):
+    """The per-dest lock was held by another run past lock_timeout (cli exits 75)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+_INT_OPTIONS = ("busy_timeout", "lock_timeout") + RETENTION_KEYS
+_BOOL_OPTIONS = ("extra_paths", "force", "if_missing", "safety_copy")
+_LIST_OPTIONS = ("databases",)
+
+
+def _options(given: dict, defaults: dict) -> dict:
+    """Defaults plus the given options (None means default), typed as the module would type them:
+    the cli reads plain JSON that a template may have filled with "5000" or "true"."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise RunbookError("unknown option(s): %s" % ", ".join(unknown))
+    opts = dict(defaults)
+    opts.update({key: value for key, value in given.items() if value is not None})
+    for key in _INT_OPTIONS:
+        value = opts.get(key)
+        if isinstance(value, str):
+            try:
+                opts[key] = int(value.strip())
+            except ValueError:
+                raise RunbookError("%s=%r: must be a whole number" % (key, value)) from None
+        elif isinstance(value, float) and value.is_integer():
+            opts[key] = int(value)
+    restore_opts = defaults is RESTORE_DEFAULTS
+    for key in _BOOL_OPTIONS if restore_opts else ():
+        value = opts.get(key)
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered not in ("true", "false", "yes", "no", "1", "0"):
+                raise RunbookError("%s=%r: must be true or false" % (key, value))
+            opts[key] = lowered in ("true", "yes", "1")
+    for key in _LIST_OPTIONS if restore_opts else _LIST_OPTIONS + ("extra_paths",):
+        if isinstance(opts.get(key), str):
+            opts[key] = [opts[key]]
+    return opts
+
+
+def _parse_mode(value) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value), 8)
+    except ValueError:
+        raise RunbookError("mode %r: not an octal file mode such as '0600'" % (value,)) from None
+
+
+def _check_compression(compression: str) -> None:
+    if compression not in COMPRESSIONS:
+        raise RunbookError("compression %r: unknown (expected one of %s)" % (compression, ", ".join(COMPRESSIONS)))
+    if compression == "zstd" and shutil.which("zstd") is None:
+        raise RunbookError("compression zstd: the zstd binary is not installed on this host "
+                           "(install the zstd package or use compression=gzip)")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ("quick_check", "integrity_check"):
+        raise RunbookError("check %r: unknown (expected quick_check or integrity_check)" % (kind,))
+
+
+def sanitize_label(label) -> str:
+    return _LABEL_CHARS.sub("-", str(label)).strip("-.") if label else ""
+
+
+def set_name(prefix: str, when: datetime.datetime, label, compression: str) -> str:
+    name = "%s-%s" % (prefix, when.strftime(_TS_FORMAT))
+    clean = sanitize_label(label)
+    if clean:
+        name += "-" + clean
+    return name + EXTENSIONS[compression]
+
+
+def parse_set_name(name: str):
+    """(prefix, timestamp as UTC epoch, label) for a set file name, or None."""
+    match = _SET_NAME.match(name)
+    if not match:
+        return None
+    try:
+        stamp = calendar.timegm(time.strptime(match.group("ts"), _TS_FORMAT))
+    except ValueError:
+        return None
+    return match.group("prefix"), stamp, match.group("label") or ""
+
+
+def list_sets(directory: str, prefix: str | None = None) -> list[dict]:
+    """Sets in ``directory`` (optionally one prefix), newest first."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise RunbookError("%s: cannot list: %s" % (directory, describe_oserror(exc))) from None
+    present = set(names)
+    sets = []
+    for name in names:
+        parsed = parse_set_name(name)
+        if not parsed or (prefix is not None and parsed[0] != prefix):
+            continue
+        sets.append({"name": name, "prefix": parsed[0], "time": parsed[1], "label": parsed[2],
+                     "verified": name + ".sha256" in present})
+    sets.sort(key=lambda item: (item["time"], item["name"]), reverse=True)
+    return sets
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(CHUNK), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise RunbookError("%s: cannot read: %s" % (path, describe_oserror(exc))) from None
+    return digest.hexdigest()
+
+
+def _utc(stamp: float) -> str:
+    return datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------------
+# lock
+
+
+class DestLock:
+    """fcntl.flock on ``dest/.runbook-backup.lock``: a timer run and an AWX job never overlap."""
+
+    def __init__(self, directory: str, timeout: float, shared: bool = False):
+        self.path = os.path.join(directory, LOCK_NAME)
+        self.timeout = timeout
+        self.shared = shared
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            if self.shared:  # readers (restore, drill) never create the file: src may be read-only
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            else:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            if self.shared:
+                return self
+            raise RunbookError("%s: cannot open the lock file: directory is missing" % self.path) from None
+        except OSError as exc:
+            raise RunbookError("%s: cannot open the lock file: %s" % (self.path, describe_oserror(exc))) from None
+        deadline = time.monotonic() + max(0.0, float(self.timeout))
+        while True:
+            try:
+                fcntl.flock(self.fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                return self
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(self.fd)
+                    raise RunbookError("%s: cannot lock: %s" % (self.path, describe_oserror(exc))) from None
+            if time.monotonic() >= deadline:
+                os.close(self.fd)
+                self.fd = None
+                raise LockTimeout("%s: another backup or prune run holds the lock; gave up after lock_timeout=%ss"
+                                  % (self.path, self.timeout))
+            time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+# ---------------------------------------------------------------------------------------------
+# snapshot
+
+
+def snapshot_database(path: str, target: str, busy_timeout: int, check: str) -> dict:
+    """Consistent online copy of ``path`` into ``target`` with the one-step backup API.
+
+    A read transaction is opened first (waiting at most busy_timeout for a writer's lock), then
+    the whole database is copied in one backup step inside that transaction: the copy is the
+    snapshot as of BEGIN, and foreign writes cannot restart it (step-by-step backups restart on
+    every write and never finish under load).
+    """
+    require_database(path)
+    src = connect(path, busy_timeout_ms=busy_timeout, readonly=True)
+    try:
+        try:
+            source_mode = str(src.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+            src.execute("BEGIN")
+            src.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            raise RunbookError(describe_sqlite_error(path, exc, busy_timeout)) from None
+        try:
+            dst = sqlite3.connect(target, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise RunbookError("%s: cannot create snapshot file: %s" % (target, exc)) from None
+        try:
+            src.backup(dst, pages=-1)
+        except sqlite3.Error as exc:
+            text = str(exc)
+            if "full" in text or "disk" in text:
+                raise RunbookError("%s: snapshot to %s failed: no space left on device (%s)"
+                                   % (path, os.path.dirname(target), text)) from None
+            raise RunbookError(describe_sqlite_error(path, exc, busy_timeout)) from None
+        finally:
+            dst.close()
+        src.execute("COMMIT")
+    finally:
+        src.close()
+    conn = sqlite3.connect(target, isolation_level=None)
+    try:
+        stats = db_stats(conn)
+        ok, errors = run_check(conn, check)
+    except sqlite3.Error as exc:
+        raise RunbookError("%s: snapshot cannot be read back: %s" % (path, exc)) from None
+    finally:
+        conn.close()
+    for extra in sidecar_paths(target):
+        if os.path.exists(extra):
+            os.unlink(extra)
+    if not ok:
+        raise RunbookError("%s: %s of the snapshot failed, set not written: %s" % (path, check, "; ".join(errors)))
+    stats["journal_mode"] = source_mode
+    return {"page_count": stats["page_count"], "page_size": stats["page_size"],
+            "journal_mode": source_mode, "user_version": stats["user_version"],
+            "check": {"kind": check, "ok": ok, "errors": errors}}
+
+
+def _copy_hashing(src: str, dst: str) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        source = open(src, "rb")
+    except OSError as exc:
+        raise RunbookError("%s: cannot read: %s" % (src, describe_oserror(exc))) from None
+    with source:
+        try:
+            out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise RunbookError("%s: cannot write: %s" % (dst, describe_oserror(exc))) from None
+        with os.fdopen(out, "wb") as target:
+            for chunk in iter(lambda: source.read(CHUNK), b""):
+                digest.update(chunk)
+                size += len(chunk)
+                try:
+                    target.write(chunk)
+                except OSError as exc:
+                    raise RunbookError("%s: copy of %s failed: %s"
+                                       % (os.path.dirname(dst), src, describe_oserror(exc))) from None
+    return size, digest.hexdigest()
+
+
+def _member_name(path: str, root: str | None) -> str:
+    absolute = os.path.abspath(path)
+    if root:
+        rel = os.path.relpath(absolute, os.path.abspath(root))
+        if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
+            raise RunbookError("%s: not inside root %s" % (path, root))
+        return rel
+    return os.path.basename(absolute.rstrip(os.sep))
+
+
+def _walk_extra(path: str, member: str):
+    """Yield (kind, absolute path, member, extra) for an extra path (file, dir tree, symlink)."""
+    if os.path.isdir(path):  # a top-level extra path is followed if it is a link
+
+        yield "dir", path, member, None
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            rel_dir = os.path.relpath(dirpath, path)
+            for name in sorted(dirnames):
+                full = os.path.join(dirpath, name)
+                sub = os.path.normpath(os.path.join(member, rel_dir, name))
+                if os.path.islink(full):
+                    yield "symlink", full, sub, os.readlink(full)
+                else:
+                    yield "dir", full, sub, None
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                sub = os.path.normpath(os.path.join(member, rel_dir, name))
+                if os.path.islink(full):
+                    yield "symlink", full, sub, os.readlink(full)
+                elif os.path.isfile(full):
+                    yield "file", full, sub, None
+                # sockets, fifos and devices are not backed up
+    elif os.path.isfile(path):
+        yield "file", path, member, None
+    elif not os.path.lexists(path):
+        raise RunbookError("%s: extra path does not exist" % path)
+    else:
+        raise RunbookError("%s: not a regular file or directory" % path)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing a set
+
+
+def _open_writer(staged: StagedFile, compression: str):
+    """(tarfile, zstd process or None) streaming into the staged file."""
+    if compression == "zstd":
+        proc = subprocess.Popen(["zstd", "-q", "-%d" % ZSTD_LEVEL, "-c"], stdin=subprocess.PIPE,
+                                stdout=staged.fileobj, stderr=subprocess.PIPE)
+        return tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.PAX_FORMAT), proc
+    if compression == "gzip":
+        return tarfile.open(fileobj=staged.fileobj, mode="w:gz", compresslevel=GZIP_LEVEL,
+                            format=tarfile.PAX_FORMAT), None
+    return tarfile.open(fileobj=staged.fileobj, mode="w", format=tarfile.PAX_FORMAT), None
+
+
+def _tarinfo(name: str, kind: str, *, size: int = 0, mode: int = 0o600, mtime: float | None = None,
+             target: str | None = None) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.mtime = int(mtime if mtime is not None else time.time())
+    info.mode = mode
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    if kind == "dir":
+        info.type = tarfile.DIRTYPE
+    elif kind == "symlink":
+        info.type = tarfile.SYMTYPE
+        info.linkname = target
+    else:
+        info.size = size
+    return info
+
+
+def _write_archive(staged: StagedFile, compression: str, manifest_bytes: bytes, entries: list[dict],
+                   workdir: str) -> None:
+    tar, proc = _open_writer(staged, compression)
+    try:
+        tar.addfile(_tarinfo(MANIFEST, "file", size=len(manifest_bytes)), io.BytesIO(manifest_bytes))
+        for entry in entries:
+            if entry["type"] in ("database", "file"):
+                info = _tarinfo(entry["member"], "file", size=entry["size"], mode=entry.get("mode", 0o600),
+                                mtime=entry.get("mtime"))
+                with open(os.path.join(workdir, entry["staged"]), "rb") as handle:
+                    tar.addfile(info, handle)
+            elif entry["type"] == "dir":
+                tar.addfile(_tarinfo(entry["member"], "dir", mode=entry.get("mode", 0o700), mtime=entry.get("mtime")))
+            else:
+                tar.addfile(_tarinfo(entry["member"], "symlink", target=entry["target"], mode=0o777))
+        tar.close()
+        if proc is not None:
+            proc.stdin.close()
+    except OSError as exc:
+        cause = describe_oserror(exc)
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            cause = _zstd_error(proc) or cause
+        raise RunbookError("%s: writing the set failed: %s" % (staged.path, cause)) from None
+    if proc is not None and proc.wait() != 0:
+        raise RunbookError("%s: zstd failed: %s" % (staged.path, _zstd_error(proc) or "exit %d" % proc.returncode))
+
+
+def _zstd_error(proc) -> str:
+    try:
+        text = proc.stderr.read().decode("utf-8", "replace").strip()
+    except (OSError, ValueError):
+        return ""
+    if "No space left" in text:
+        return "no space left on device"
+    return text.splitlines()[-1] if text else ""
+
+
+class _Reader:
+    """A decompressed stream of a set file, whatever its compression (sniffed from magic bytes)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.proc = None
+        try:
+            self.raw = open(path, "rb")
+        except OSError as exc:
+            raise RunbookError("%s: cannot read: %s" % (path, describe_oserror(exc))) from None
+        magic = os.pread(self.raw.fileno(), 4, 0)  # leaves the fd offset at 0 for a zstd child
+        if magic[:2] == b"\x1f\x8b":
+            self.compression = "gzip"
+            self.tar = tarfile.open(fileobj=self.raw, mode="r|gz")
+        elif magic == b"\x28\xb5\x2f\xfd":
+            self.compression = "zstd"
+            _check_compression("zstd")
+            self.proc = subprocess.Popen(["zstd", "-q", "-d", "-c"], stdin=self.raw, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE)
+            self.tar = tarfile.open(fileobj=self.proc.stdout, mode="r|")
+        else:
+            self.compression = "none"
+            try:
+                self.tar = tarfile.open(fileobj=self.raw, mode="r|")
+            except tarfile.TarError as exc:
+                self.close()
+                raise RunbookError("%s: not a backup set (%s)" % (path, exc)) from None
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdout.close()
+            self.proc.kill()
+            self.proc.wait()
+            self.proc.stderr.close()
+        self.raw.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _safe_member(info: tarfile.TarInfo, path: str) -> None:
+    """Refuse absolute names, '..', links escaping the archive root, devices and fifos."""
+    name = info.name
+    parts = name.split("/")
+    if name.startswith("/") or ".." in parts or "\x00" in name or name in ("", "."):
+        raise RunbookError("%s: unsafe archive member %r (absolute path or '..')" % (path, name))
+    if info.isdev() or info.isfifo() or not (info.isfile() or info.isdir() or info.issym() or info.islnk()):
+        raise RunbookError("%s: unsafe archive member %r (device, fifo or unknown type)" % (path, name))
+    if info.islnk():
+        raise RunbookError("%s: unsafe archive member %r (hard link)" % (path, name))
+    if info.issym():
+        target = info.linkname
+        joined = os.path.normpath(os.path.join(os.path.dirname(name), target))
+        if target.startswith("/") or joined.startswith("..") or joined == "." or len(parts) < 3:
+            raise RunbookError("%s: unsafe archive member %r (link to %r points outside its directory)"
+                               % (path, name, target))
+        top = "/".join(parts[:2])
+        if not (joined + "/").startswith(top + "/"):
+            raise RunbookError("%s: unsafe archive member %r (link to %r points outside its directory)"
+                               % (path, name, target))
+
+
+def scan_set(path: str, extract_to: dict | None = None) -> dict:
+    """Read a set once: check every member header, hash every file against the manifest.
+
+    With ``extract_to`` ({member: target file path}) the named regular members are written to
+    those paths (after the caller has already scanned the set once with no extraction).
+    Returns the manifest.
+    """
+    manifest = None
+    seen = set()
+    try:
+        with _Reader(path) as reader:
+            for index, info in enumerate(reader.tar):
+                _safe_member(info, path)
+                if index == 0:
+                    if info.name != MANIFEST or not info.isfile() or info.size > 64 * 1024 * 1024:
+                        raise RunbookError("%s: not a backup set (first member is not %s)" % (path, MANIFEST))
+                    manifest = _load_manifest(path, reader.tar.extractfile(info).read())
+                    expected = {m["member"]: m for m in manifest["members"]}
+                    continue
+                entry = expected.get(info.name)
+                if entry is None:
+                    raise RunbookError("%s: member %r is not in the manifest" % (path, info.name))
+                seen.add(info.name)
+                if info.isfile():
+                    digest = hashlib.sha256()
+                    handle = reader.tar.extractfile(info)
+                    out = None
+                    target = extract_to.get(info.name) if extract_to else None
+                    if target:
+                        out = open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+                    try:
+                        while True:
+                            chunk = handle.read(CHUNK)
+                            if not chunk:
+                                break
+                            digest.update(chunk)
+                            if out is not None:
+                                out.write(chunk)
+                        if out is not None:
+                            out.flush()
+                            os.fsync(out.fileno())
+                    finally:
+                        if out is not None:
+                            out.close()
+                    if digest.hexdigest() != entry.get("sha256") or info.size != entry.get("size"):
+                        raise RunbookError("%s: member %s does not match its sha256 in the manifest (damaged set)"
+                                           % (path, info.name))
+            if reader.proc is not None:
+                reader.proc.stdout.read()
+                if reader.proc.wait() != 0:
+                    raise RunbookError("%s: zstd cannot decompress the set: %s" % (path, _zstd_error(reader.proc)))
+    except tarfile.TarError as exc:
+        raise RunbookError("%s: damaged or truncated set: %s" % (path, exc)) from None
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise RunbookError("%s: extraction failed: no space left on device" % path) from None
+        raise RunbookError("%s: damaged or truncated set: %s" % (path, exc)) from None
+    if manifest is None:
+        raise RunbookError("%s: damaged or truncated set: empty archive" % path)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise RunbookError("%s: damaged or truncated set: missing member(s) %s" % (path, ", ".join(missing)))
+    return manifest
+
+
+def _load_manifest(path: str, data: bytes) -> dict:
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except ValueError:
+        raise RunbookError("%s: manifest.json is not valid JSON" % path) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("members"), list):
+        raise RunbookError("%s: manifest.json has no member list" % path)
+    if manifest.get("format") != FORMAT_VERSION:
+        raise RunbookError("%s: unsupported set format %r (this code reads format %d)"
+                           % (path, manifest.get("format"), FORMAT_VERSION))
+    return manifest
+
+
+def read_sidecar(set_path: str) -> str:
+    sidecar = set_path + ".sha256"
+    try:
+        with open(sidecar, encoding="utf-8") as handle:
+            text = handle.read(4096)
+    except FileNotFoundError:
+        raise RunbookError("%s: checksum file %s is missing (unverified set)" % (set_path, sidecar)) from None
+    except OSError as exc:
+        raise RunbookError("%s: cannot read: %s" % (sidecar, describe_oserror(exc))) from None
+    match = re.match(r"^([0-9a-f]{64})\s", text)
+    if not match:
+        raise RunbookError("%s: not in sha256sum format" % sidecar)
+    return match.group(1)
+
+
+def verify_set(set_path: str) -> dict:
+    """sha256 of the set against its sidecar, then every member against the manifest."""
+    expected = read_sidecar(set_path)
+    actual = _sha256_file(set_path)
+    if actual != expected:
+        raise RunbookError("%s: sha256 mismatch (file %s, %s.sha256 says %s): damaged or altered set"
+                           % (set_path, actual, os.path.basename(set_path), expected))
+    return scan_set(set_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# retention
+
+
+def select_retained(sets: list[dict], opts: dict, now: float) -> tuple[list[str], list[str]]:
+    """(kept, pruned) names; ``sets`` newest first. No rule set: keep everything."""
+    rules = {key: opts.get(key) for key in RETENTION_KEYS if opts.get(key) is not None}
+    names = [item["name"] for item in sets]
+    if not rules:
+        return names, []
+    keep = set()
+    if rules.get("keep_last"):
+        keep.update(names[:rules["keep_last"]])
+    if rules.get("keep_days") is not None:
+        cutoff = now - rules["keep_days"] * 86400
+        keep.update(item["name"] for item in sets if item["time"] >= cutoff)
+    for key, bucket in (("keep_daily", "%Y-%m-%d"), ("keep_weekly", "%G-W%V"), ("keep_monthly", "%Y-%m")):
+        limit = rules.get(key)
+        if not limit:
+            continue
+        seen = set()
+        for item in sets:  # newest first: the first set of each bucket is that bucket's newest
+            label = time.strftime(bucket, time.gmtime(item["time"]))
+            if label in seen:
+                continue
+            if len(seen) >= limit:
+                break
+            seen.add(label)
+            keep.add(item["name"])
+    newest_verified = next((item["name"] for item in sets if item["verified"]), None)
+    if newest_verified:
+        keep.add(newest_verified)
+    kept = [name for name in names if name in keep]
+    pruned = [name for name in names if name not in keep]
+    return kept, pruned
+
+
+def _validate_retention(opts: dict) -> None:
+    for key in RETENTION_KEYS:
+        value = opts.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise RunbookError("%s=%r: must be a whole number >= 0" % (key, value))
+
+
+def _prune(dest: str, pruned: list[str]) -> None:
+    for name in pruned:
+        for path in (os.path.join(dest, name + ".sha256"), os.path.join(dest, name)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise RunbookError("%s: cannot remove: %s" % (path, describe_oserror(exc))) from None
+    if pruned:
+        fsync_dir(dest)
+
+
+# ---------------------------------------------------------------------------------------------
+# backup / prune
+
+
+def backup(params: dict, check_mode: bool = False, now: float | None = None) -> dict:
+    """state=present: write one verified set, then apply retention. state=pruned: retention only."""
+    opts = _options(params, BACKUP_DEFAULTS)
+    if not opts["dest"]:
+        raise RunbookError("dest is required")
+    if opts["state"] not in ("present", "pruned"):
+        raise RunbookError("state %r: expected present or pruned" % (opts["state"],))
+    _validate_retention(opts)
+    dest = os.path.abspath(opts["dest"])
+    if opts["state"] == "present":
+        if not opts["databases"]:
+            raise RunbookError("databases is required when state=present")
+        _check_compression(opts["compression"])
+        _check_kind(opts["check"])
+        mode = _parse_mode(opts["mode"])
+        for db in opts["databases"]:
+            require_database(db)
+    if os.path.lexists(dest) and not os.path.isdir(dest):
+        raise RunbookError("%s: destination is not a directory" % dest)
+    if not os.path.isdir(dest):
+        if check_mode:
+            return _plan_only(opts, dest, [], now)
+        raise RunbookError("%s: destination directory does not exist" % dest)
+    if check_mode:
+        return _plan_only(opts, dest, list_sets(dest, opts["name_prefix"]), now)
+    if not os.access(dest, os.W_OK | os.X_OK):
+        raise RunbookError("%s: destination directory is not writable for this user" % dest)
+    started = time.time()
+    with DestLock(dest, opts["lock_timeout"]):
+        remove_stale_temps(dest)
+        before = [item["name"] for item in list_sets(dest, opts["name_prefix"])]
+        result = {"changed": False, "path": None, "name": None, "size": None, "sha256": None,
+                  "databases": [], "extra_members": [], "manifest": None}
+        if opts["state"] == "present":
+            result.update(_write_set(opts, dest, mode))
+            result["changed"] = True
+        sets = list_sets(dest, opts["name_prefix"])
+        kept, pruned = select_retained(sets, opts, time.time() if now is None else now)
+        _prune(dest, pruned)
+    result["duration"] = round(time.time() - started, 3)
+    result.update({"pruned": pruned, "kept": kept, "changed": result["changed"] or bool(pruned),
+                   "diff": {"before": "\n".join(sorted(before)) + "\n", "after": "\n".join(sorted(kept)) + "\n"}})
+    if opts["metrics_file"] and opts["state"] == "present":
+        _write_metrics(opts, result)
+    return result
+
+
+def _plan_only(opts: dict, dest: str, sets: list[dict], now: float | None) -> dict:
+    now = time.time() if now is None else now
+    before = [item["name"] for item in sets]
+    name = None
+    if opts["state"] == "present":
+        stamp = int(now)
+        while stamp in {item["time"] for item in sets}:
+            stamp += 1  # the real run waits for a free second
+        when = datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc)
+        name = set_name(opts["name_prefix"], when, opts["label"], opts["compression"])
+        sets = [{"name": name, "time": stamp, "verified": True}] + sets
+    kept, pruned = select_retained(sets, opts, now)
+    databases = [{"path": os.path.abspath(db), "member": _member_name(db, opts["root"])}
+                 for db in (opts["databases"] or [])] if opts["state"] == "present" else []
+    return {"changed": bool(name) or bool(pruned), "path": os.path.join(dest, name) if name else None,
+            "name": name, "size": None, "sha256": None, "duration": 0.0, "databases": databases,
+            "extra_members": [], "manifest": None, "pruned": pruned, "kept": kept,
+            "diff": {"before": "\n".join(sorted(before)) + "\n", "after": "\n".join(sorted(kept)) + "\n"}}
+
+
+def _write_set(opts: dict, dest: str, mode: int) -> dict:
+    taken = {item["time"] for item in list_sets(dest, opts["name_prefix"])}
+    while True:
+        stamp = time.time()
+        if int(stamp) not in taken:
+            break
+        time.sleep(1.0 - (stamp % 1.0) + 0.01)  # one set per second and prefix: wait for the next second
+    when = datetime.datetime.fromtimestamp(int(stamp), datetime.timezone.utc)
+    name = set_name(opts["name_prefix"], when, opts["label"], opts["compression"])
+    workdir = make_temp_dir(dest)
+    try:
+        entries, databases = [], []
+        seen_members = {}
+        for index, db in enumerate(opts["databases"]):
+            member = "databases/" + _member_name(db, opts["root"])
+            if member in seen_members:
+                raise RunbookError("%s: member name %s collides with %s (set root)"
+                                   % (db, member, seen_members[member]))
+            seen_members[member] = db
+            staged_name = "db-%d" % index
+            info = snapshot_database(db, os.path.join(workdir, staged_name), opts["busy_timeout"], opts["check"])
+            size, digest = _copy_hashing_existing(os.path.join(workdir, staged_name))
+            entries.append({"type": "database", "member": member, "path": os.path.abspath(db), "size": size,
+                            "sha256": digest, "staged": staged_name, "mode": 0o600})
+            databases.append(dict(info, path=os.path.abspath(db), member=member, size=size, sha256=digest))
+        counter = 0
+        for extra in opts["extra_paths"] or []:
+            top = "files/" + _member_name(extra, opts["root"])
+            for kind, full, member, target in _walk_extra(os.path.abspath(extra), top):
+                if member in seen_members:
+                    raise RunbookError("%s: member name %s collides with %s" % (full, member, seen_members[member]))
+                seen_members[member] = full
+                try:
+                    st = os.lstat(full)
+                except OSError as exc:
+                    raise RunbookError("%s: cannot read: %s" % (full, describe_oserror(exc))) from None
+                entry = {"type": kind, "member": member, "path": full, "mode": stat.S_IMODE(st.st_mode),
+                         "mtime": int(st.st_mtime)}
+                if kind == "file":
+                    counter += 1
+                    entry["staged"] = "file-%d" % counter
+                    entry["size"], entry["sha256"] = _copy_hashing(full, os.path.join(workdir, entry["staged"]))
+                elif kind == "symlink":
+                    entry["target"] = target
+                entries.append(entry)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "name": name,
+            "created_at": _utc(int(stamp)),
+            "host": socket.gethostname(),
+            "label": opts["label"] or "",
+            "compression": opts["compression"],
+            "root": os.path.abspath(opts["root"]) if opts["root"] else None,
+            "check": opts["check"],
+            "databases": databases,
+            "members": [{key: value for key, value in entry.items() if key != "staged"} for entry in entries],
+        }
+        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+        final = os.path.join(dest, name)
+        with StagedFile(final, mode=mode, owner=opts["owner"], group=opts["group"]) as staged, \
+                StagedFile(final + ".sha256", mode=mode, owner=opts["owner"], group=opts["group"]) as sidecar:
+            _write_archive(staged, opts["compression"], manifest_bytes, entries, workdir)
+            staged.finish()
+            digest = _sha256_file(staged.temp_path)
+            scan_set(staged.temp_path)  # a set failing verification is never published
+            sidecar.write(("%s  %s\n" % (digest, name)).encode("ascii"))
+            sidecar.finish()
+            size = os.path.getsize(staged.temp_path)
+            sidecar.commit()
+            staged.commit()
+    finally:
+        remove_temp_dir(workdir)
+    return {"path": final, "name": name, "size": size, "sha256": digest, "databases": databases,
+            "extra_members": [entry["member"] for entry in entries if entry["type"] != "database"],
+            "manifest": manifest}
+
+
+def _copy_hashing_existing(path: str) -> tuple[int, str]:
+    return os.path.getsize(path), _sha256_file(path)
+
+
+def _write_metrics(opts: dict, result: dict) -> None:
+    labels = {"prefix": opts["name_prefix"], "dest": os.path.abspath(opts["dest"])}
+    write_textfile(opts["metrics_file"], [
+        ("runbook_sqlite_backup_last_success_timestamp_seconds", "gauge",
+         "Unix time of the last verified backup set.", labels, time.time()),
+        ("runbook_sqlite_backup_duration_seconds", "gauge", "Duration of the last backup run.", labels,
+         result["duration"]),
+        ("runbook_sqlite_backup_size_bytes", "gauge", "Size of the last backup set.", labels, result["size"] or 0),
+        ("runbook_sqlite_backup_verified", "gauge", "1 when the last set passed verification.", labels, 1),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# restore / drill
+
+
+def _parse_before(value: str) -> float:
+    text = str(value).strip()
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise RunbookError("before=%r: not an ISO 8601 timestamp such as 2026-11-01T00:00:00Z" % (value,)) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def choose_set(opts: dict) -> str:
+    src = os.path.abspath(opts["src"])
+    if not os.path.isdir(src):
+        raise RunbookError("%s: source directory does not exist" % src)
+    if opts["set"] and opts["set"] != "latest":
+        name = opts["set"]
+        if "/" in name or name in (".", ".."):
+            raise RunbookError("set=%r: give a set file name inside src, not a path" % (name,))
+        path = os.path.join(src, name)
+        if not os.path.isfile(path):
+            raise RunbookError("%s: no such backup set" % path)
+        return path
+    sets = [item for item in list_sets(src, opts["name_prefix"]) if item["verified"]]
+    if opts["label"]:
+        wanted = sanitize_label(opts["label"])
+        sets = [item for item in sets if item["label"] == wanted]
+    if opts["before"]:
+        limit = _parse_before(opts["before"])
+        sets = [item for item in sets if item["time"] < limit]
+    if not sets:
+        raise RunbookError("%s: no verified backup set matches (set=%s, before=%s, label=%s)"
+                           % (src, opts["set"], opts["before"], opts["label"]))
+    return os.path.join(src, sets[0]["name"])
+
+
+def _select_members(manifest: dict, opts: dict, set_path: str) -> list[dict]:
+    dbs = [m for m in manifest["members"] if m["type"] == "database"]
+    if opts["databases"]:
+        chosen = []
+        for wanted in opts["databases"]:
+            match = [m for m in dbs if wanted in (m["member"], m["member"][len("databases/"):], m["path"])]
+            if not match:
+                raise RunbookError("%s: no database %r in this set (it has: %s)"
+                                   % (set_path, wanted, ", ".join(m["member"][len("databases/"):] for m in dbs)))
+            chosen.extend(m for m in match if m not in chosen)
+        dbs = chosen
+    files = [m for m in manifest["members"] if m["type"] != "database"] if opts["extra_paths"] else []
+    return dbs + files
+
+
+def _target(path: str, dest_root: str | None) -> str:
+    if dest_root:
+        return os.path.join(os.path.abspath(dest_root), path.lstrip("/"))
+    return path
+
+
+def _same_content(path: str, member: dict) -> bool:
+    if member["type"] == "database":
+        for extra in sidecar_paths(path):
+            if os.path.exists(extra) and os.path.getsize(extra) > 0 and not extra.endswith("-shm"):
+                return False
+    try:
+        return os.path.getsize(path) == member["size"] and _sha256_file(path) == member["sha256"]
+    except OSError:
+        return False
+
+
+def restore(params: dict, check_mode: bool = False) -> dict:
+    opts = _options(params, RESTORE_DEFAULTS)
+    if not opts["src"]:
+        raise RunbookError("src is required")
+    _check_kind(opts["check"])
+    if opts["mode"] not in ("restore", "drill"):
+        raise RunbookError("mode %r: expected restore or drill" % (opts["mode"],))
+    if opts["force"] and opts["if_missing"]:
+        raise RunbookError("force and if_missing cannot both be true (replace existing files, or skip them?)")
+    if not os.path.isdir(opts["src"]):
+        raise RunbookError("%s: source directory does not exist" % os.path.abspath(opts["src"]))
+    # a shared lock: a backup or prune run on src cannot remove the set while it is being read
+    with DestLock(os.path.abspath(opts["src"]), opts["lock_timeout"], shared=True):
+        return _restore_locked(opts, check_mode)
+
+
+def _restore_locked(opts: dict, check_mode: bool) -> dict:
+    set_path = choose_set(opts)
+    manifest = verify_set(set_path)
+    if opts["mode"] == "drill":
+        return _drill(set_path, manifest, opts, check_mode)
+    members = _select_members(manifest, opts, set_path)
+    plan, skipped = [], []
+    for member in members:
+        target = _target(member["path"], opts["dest_root"])
+        if member["type"] == "dir":
+            if not os.path.isdir(target):
+                plan.append((member, target))
+            continue
+        if os.path.lexists(target):
+            if opts["if_missing"]:
+                skipped.append(target)
+                continue
+            if member["type"] == "symlink":
+                if os.path.islink(target) and os.readlink(target) == member["target"]:
+                    continue
+            elif _same_content(target, member):
+                continue
+            if not opts["force"]:
+                raise RunbookError("%s: exists and differs from set %s; set force=true to replace it "
+                                   "(or if_missing=true to skip existing files)" % (target, os.path.basename(set_path)))
+        plan.append((member, target))
+    result = {"set": os.path.basename(set_path), "set_path": set_path, "verified": True, "manifest": manifest,
+              "restored": [t for m, t in plan if m["type"] != "dir"], "skipped_paths": skipped, "safety_copies": [],
+              "row_counts": {}, "changed": bool(plan)}
+    if check_mode or not plan:
+        return result
+    result["safety_copies"] = _apply_restore(set_path, plan, opts)
+    return result
+
+
+def _apply_restore(set_path: str, plan: list, opts: dict) -> list[str]:
+    # directories first (new ones only), each made 0700 until its mode from the manifest is applied
+    for member, target in plan:
+        if member["type"] == "dir":
+            try:
+                os.makedirs(target, mode=0o700, exist_ok=True)
+                os.chmod(target, member.get("mode", 0o700))
+            except OSError as exc:
+                raise RunbookError("%s: cannot create directory: %s" % (target, describe_oserror(exc))) from None
+    temp_dirs, extract_to, staged = {}, {}, []
+    try:
+        for index, (member, target) in enumerate(plan):
+            if member["type"] not in ("database", "file"):
+                continue
+            parent = os.path.dirname(target)
+            if not os.path.isdir(parent):
+                try:
+                    os.makedirs(parent, mode=0o700)
+                except OSError as exc:
+                    raise RunbookError("%s: cannot create directory: %s" % (parent, describe_oserror(exc))) from None
+            if parent not in temp_dirs:
+                remove_stale_temps(parent)
+                temp_dirs[parent] = make_temp_dir(parent)
+            temp = os.path.join(temp_dirs[parent], "m%d" % index)
+            extract_to[member["member"]] = temp
+            staged.append((member, target, temp))
+        scan_set(set_path, extract_to)
+        for member, target, temp in staged:
+            if member["type"] == "database":
+                _check_extracted(temp, target, opts)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime(_TS_FORMAT)
+        safety = []
+        for member, target, temp in staged:
+            safety.extend(_replace(member, target, temp, opts, stamp))
+        for member, target in plan:
+            if member["type"] == "symlink":
+                try:
+                    if os.path.lexists(target):
+                        safety.extend(_safety_copy(target, stamp, opts, member))
+                        os.unlink(target)
+                    os.symlink(member["target"], target)
+                except OSError as exc:
+                    raise RunbookError("%s: cannot create link: %s" % (target, describe_oserror(exc))) from None
+        return safety
+    finally:
+        for directory in temp_dirs.values():
+            remove_temp_dir(directory)
+
+
+def _check_extracted(temp: str, target: str, opts: dict) -> None:
+    try:
+        conn = sqlite3.connect("file:%s?mode=rw" % temp, uri=True, isolation_level=None)
+        try:
+            ok, errors = run_check(conn, opts["check"])
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        ok, errors = False, [str(exc)]
+    for extra in sidecar_paths(temp):
+        if os.path.exists(extra):
+            os.unlink(extra)
+    if not ok:
+        raise RunbookError("%s: %s of the restored copy failed, nothing replaced: %s"
+                           % (target, opts["check"], "; ".join(errors)))
+
+
+def _safety_copy(target: str, stamp: str, opts: dict, member: dict) -> list[str]:
+    if not opts["safety_copy"]:
+        return []
+    copies = []
+    base = "%s.pre-restore-%s" % (target, stamp)
+    pairs = [(target, base)]
+    if member["type"] == "database":
+        pairs += [(target + suffix, base + suffix) for suffix in ("-wal", "-journal")]
+    for src, dst in pairs:
+        if not os.path.lexists(src):
+            continue
+        try:
+            os.link(src, dst, follow_symlinks=False)  # the replaced inode lives on under the safety name
+        except OSError:
+            try:
+                shutil.copy2(src, dst, follow_symlinks=False)
+            except OSError as exc:
+                raise RunbookError("%s: cannot keep a safety copy at %s: %s"
+                                   % (src, dst, describe_oserror(exc))) from None
+        copies.append(dst)
+    return copies
+
+
+def _replace(member: dict, target: str, temp: str, opts: dict, stamp: str) -> list[str]:
+    exists = os.path.lexists(target)
+    if exists and os.path.isfile(target) and not os.path.islink(target):
+        st = os.stat(target)
+        mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+    else:
+        mode = 0o600 if member["type"] == "database" else member.get("mode", 0o600)
+        uid = gid = None
+    owner = opts["owner"] if opts["owner"] not in (None, "") else uid
+    group = opts["group"] if opts["group"] not in (None, "") else gid
+    apply_attrs(temp, mode, owner, group)
+    copies = _safety_copy(target, stamp, opts, member) if exists else []
+    if member["type"] == "database":
+        for extra in sidecar_paths(target):
+            try:
+                os.unlink(extra)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise RunbookError("%s: cannot remove stale %s: %s" % (target, extra, describe_oserror(exc))) from None
+    try:
+        os.replace(temp, target)
+        fsync_dir(os.path.dirname(target))
+    except OSError as exc:
+        raise RunbookError("%s: cannot put the restored file in place: %s" % (target, describe_oserror(exc))) from None
+    return copies
+
+
+def _drill(set_path: str, manifest: dict, opts: dict, check_mode: bool) -> dict:
+    if not opts["drill_dir"]:
+        raise RunbookError("drill_dir is required when mode=drill")
+    drill_dir = os.path.abspath(opts["drill_dir"])
+    opts = dict(opts, extra_paths=False)
+    members = _select_members(manifest, opts, set_path)
+    result = {"set": os.path.basename(set_path), "set_path": set_path, "verified": True, "manifest": manifest,
+              "restored": [], "drilled": [], "skipped_paths": [], "safety_copies": [], "row_counts": {}, "checks": {},
+              "changed": False}
+    if check_mode:
+        return result
+    if not os.path.isdir(drill_dir):
+        raise RunbookError("%s: drill directory does not exist" % drill_dir)
+    remove_stale_temps(drill_dir)
+    work = make_temp_dir(drill_dir)
+    try:
+        extract_to = {m["member"]: os.path.join(work, "m%d" % i) for i, m in enumerate(members)}
+        scan_set(set_path, extract_to)
+        for member in members:
+            temp = extract_to[member["member"]]
+            name = member["member"][len("databases/"):]
+            try:
+                conn = connect(temp, busy_timeout_ms=opts["busy_timeout"])
+                try:
+                    ok, errors = run_check(conn, opts["check"])
+                    result["row_counts"][name] = table_row_counts(conn) if ok else {}
+                finally:
+                    conn.close()
+            except sqlite3.Error as exc:
+                ok, errors = False, [str(exc)]
+            result["checks"][name] = {"kind": opts["check"], "ok": ok, "errors": errors}
+            if not ok:
+                raise RunbookError("%s: drill: %s of %s failed: %s"
+                                   % (set_path, opts["check"], name, "; ".join(errors)))
+            result["drilled"].append(name)
+    finally:
+        remove_temp_dir(work)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# command line (systemd timer on hosts)
+
+
+def cli(argv=None) -> None:
+    """``cli() backup|prune|restore|drill --config FILE.json``: prints a JSON result.
+
+    Exit 0 on success, 1 on a RunbookError (message on stderr), 75 when the lock was busy.
+    """
+    raise SystemExit(run_cli(sys.argv[1:] if argv is None else argv))
+
+
+def run_cli(args) -> int:
+    args = list(args)
+    if len(args) != 3 or args[0] not in ("backup", "prune", "restore", "drill") or args[1] != "--config":
+        sys.stderr.write("usage: backup|prune|restore|drill --config FILE.json\n")
+        return 2
+    command, config = args[0], args[2]
+    try:
+        try:
+            with open(config, encoding="utf-8") as handle:
+                params = json.load(handle)
+        except (OSError, ValueError) as exc:
+            raise RunbookError("%s: cannot read the JSON config: %s" % (config, exc)) from None
+        if not isinstance(params, dict):
+            raise RunbookError("%s: the config must be a JSON object" % config)
+        if command == "backup":
+            result = backup(dict(params, state="present"))
+        elif command == "prune":
+            result = backup(dict(params, state="pruned"))
+        else:
+            result = restore(dict(params, mode="drill" if command == "drill" else "restore"))
+    except LockTimeout as exc:
+        sys.stderr.write("%s\n" % exc)
+        return EX_TEMPFAIL
+    except RunbookError as exc:
+        sys.stderr.write("%s\n" % exc)
+        return 1
+    result.pop("diff", None)
+    result.pop("manifest", None)
+    sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,812 @@
+# Copyright (c) runbook.sqlite_app contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+import calendar
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import sqlite3
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from ansible_collections.runbook.sqlite_app.plugins.module_utils import _backupset as bs
+from ansible_collections.runbook.sqlite_app.plugins.module_utils._errors import RunbookError
+
+HAVE_ZSTD = shutil.which("zstd") is not None
+needs_zstd = pytest.mark.skipif(not HAVE_ZSTD, reason="zstd binary not installed")
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+
+def make_db(path, rows=100, journal_mode="wal", user_version=0):
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    conn.execute("PRAGMA journal_mode=%s" % journal_mode)
+    conn.execute("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, body TEXT)")
+    conn.execute("CREATE TABLE IF NOT EXISTS users (name TEXT)")
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO items (body) VALUES (?)", [("row %d" % i,) for i in range(rows)])
+    conn.execute("INSERT INTO users VALUES ('alice')")
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA user_version=%d" % user_version)
+    conn.close()
+    return str(path)
+
+
+def count(path, table="items"):
+    conn = sqlite3.connect(str(path))
+    try:
+        return conn.execute("SELECT count(*) FROM %s" % table).fetchone()[0]  # noqa: S608 (fixed table names)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def app(tmp_path):
+    root = tmp_path / "app"
+    (root / "certs").mkdir(parents=True)
+    make_db(root / "app.db", rows=50, user_version=7)
+    make_db(root / "tokens.db", rows=3, journal_mode="delete")
+    (root / ".env").write_text("API_KEY=secret\n")
+    os.chmod(root / ".env", 0o640)
+    (root / "certs" / "server.pem").write_text("CERT\n")
+    os.symlink("server.pem", str(root / "certs" / "current.pem"))
+    dest = tmp_path / "sets"
+    dest.mkdir()
+    return root, dest
+
+
+def params(root, dest, **extra):
+    base = {"databases": [str(root / "app.db"), str(root / "tokens.db")],
+            "extra_paths": [str(root / ".env"), str(root / "certs")],
+            "root": str(root), "dest": str(dest), "compression": "gzip"}
+    base.update(extra)
+    return base
+
+
+def listing(directory):
+    return sorted(os.listdir(str(directory)))
+
+
+def set_files(dest):
+    return [name for name in listing(dest) if not name.startswith(".")]
+
+
+def fake_set(dest, when, prefix="backup", verified=True, ext=".tar.gz"):
+    name = "%s-%s%s" % (prefix, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when)), ext)
+    (dest / name).write_bytes(b"x")
+    if verified:
+        (dest / (name + ".sha256")).write_text("%s  %s\n" % ("0" * 64, name))
+    return name
+
+
+def write_set(path, members, sidecar=True):
+    """Craft a set: members is a list of (TarInfo, bytes or None); manifest built from the files."""
+    manifest = {"format": bs.FORMAT_VERSION, "members": [], "databases": []}
+    for info, data in members:
+        entry = {"member": info.name, "path": "/nowhere/" + info.name, "type": "file"}
+        if info.isfile():
+            entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        manifest["members"].append(entry)
+    raw = json.dumps(manifest).encode()
+    with tarfile.open(str(path), "w") as tar:
+        info = tarfile.TarInfo(bs.MANIFEST)
+        info.size = len(raw)
+        tar.addfile(info, io.BytesIO(raw))
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    if sidecar:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        (path.parent / (path.name + ".sha256")).write_text("%s  %s\n" % (digest, path.name))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# backup: set layout and manifest
+
+
+def test_backup_writes_one_verified_set_with_manifest(app):
+    root, dest = app
+    result = bs.backup(params(root, dest, label="pre upgrade!", compression="gzip"))
+    assert result["changed"] is True
+    name = result["name"]
+    assert name.startswith("backup-") and name.endswith("-pre-upgrade.tar.gz")
+    assert set_files(dest) == [name, name + ".sha256"]
+    assert stat.S_IMODE(os.stat(result["path"]).st_mode) == 0o600
+    # sha256sum -c works by hand
+    out = subprocess.run(["sha256sum", "-c", name + ".sha256"], cwd=str(dest), capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with tarfile.open(result["path"]) as tar:
+        names = tar.getnames()
+        manifest = json.load(tar.extractfile(bs.MANIFEST))
+    assert names[0] == "manifest.json"
+    assert "databases/app.db" in names and "databases/tokens.db" in names
+    assert "files/.env" in names and "files/certs/server.pem" in names and "files/certs/current.pem" in names
+    assert manifest["format"] == bs.FORMAT_VERSION
+    assert manifest["label"] == "pre upgrade!"
+    assert manifest["compression"] == "gzip"
+    assert manifest["created_at"].endswith("Z")
+    assert manifest["host"]
+    dbs = {db["member"]: db for db in manifest["databases"]}
+    assert dbs["databases/app.db"]["journal_mode"] == "wal"
+    assert dbs["databases/app.db"]["user_version"] == 7
+    assert dbs["databases/app.db"]["path"] == str(root / "app.db")
+    assert dbs["databases/tokens.db"]["journal_mode"] == "delete"
+    assert dbs["databases/app.db"]["page_count"] > 0 and dbs["databases/app.db"]["page_size"] > 0
+    assert dbs["databases/app.db"]["check"]["ok"] is True
+    env = [m for m in manifest["members"] if m["member"] == "files/.env"][0]
+    assert env["sha256"] == hashlib.sha256(b"API_KEY=secret\n").hexdigest()
+    assert env["mode"] == 0o640 and env["path"] == str(root / ".env")
+    assert result["extra_members"][:1] == ["files/.env"]
+    assert [d["member"] for d in result["databases"]] == ["databases/app.db", "databases/tokens.db"]
+    # no temp files left, sources untouched
+    assert not [n for n in listing(dest) if n.startswith(".runbook-tmp-")]
+    assert count(root / "app.db") == 50
+
+
+def test_members_by_basename_without_root(app):
+    root, dest = app
+    result = bs.backup({"databases": [str(root / "app.db")], "dest": str(dest), "compression": "none"})
+    assert result["name"].endswith(".tar")
+    assert [d["member"] for d in result["databases"]] == ["databases/app.db"]
+
+
+def test_member_name_collision_is_an_error(app, tmp_path):
+    root, dest = app
+    other = tmp_path / "other"
+    other.mkdir()
+    make_db(other / "app.db")
+    with pytest.raises(RunbookError, match="collides"):
+        bs.backup({"databases": [str(root / "app.db"), str(other / "app.db")], "dest": str(dest)})
+    assert set_files(dest) == []
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", pytest.param("zstd", marks=needs_zstd)])
+def test_compression_round_trip(app, tmp_path, compression):
+    root, dest = app
+    result = bs.backup(params(root, dest, compression=compression))
+    assert result["name"].endswith(bs.EXTENSIONS[compression])
+    manifest = bs.verify_set(result["path"])
+    assert manifest["compression"] == compression
+    # by hand: decompress with the usual tools and read the database with sqlite3
+    out = tmp_path / "by-hand"
+    out.mkdir()
+    flags = {"none": [], "gzip": ["-z"], "zstd": ["--zstd"]}[compression]
+    subprocess.run(["tar"] + flags + ["-xf", result["path"], "-C", str(out)], check=True)
+    assert count(out / "databases" / "app.db") == 50
+    assert (out / "files" / ".env").read_text() == "API_KEY=secret\n"
+
+
+def test_two_runs_in_one_second_get_distinct_names(app):
+    root, dest = app
+    first = bs.backup(params(root, dest))
+    second = bs.backup(params(root, dest))
+    assert first["name"] != second["name"]
+    assert len(set_files(dest)) == 4
+
+
+def test_check_mode_writes_nothing(app):
+    root, dest = app
+    bs.backup(params(root, dest))
+    before = listing(dest)
+    result = bs.backup(params(root, dest, keep_last=1), check_mode=True)
+    assert result["changed"] is True
+    assert result["name"].startswith("backup-")
+    assert len(result["pruned"]) == 1
+    assert listing(dest) == before
+
+
+def test_metrics_file(app, tmp_path):
+    root, dest = app
+    prom = tmp_path / "backup.prom"
+    bs.backup(params(root, dest, metrics_file=str(prom)))
+    text = prom.read_text()
+    assert "runbook_sqlite_backup_last_success_timestamp_seconds" in text
+    assert "runbook_sqlite_backup_verified" in text and "runbook_sqlite_backup_size_bytes" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# consistent snapshot under a concurrent writer
+
+
+def _writer(path, stop, started):
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA busy_timeout=30000")
+    started.set()
+    while not stop.is_set():
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO items (body) VALUES (?)", [("w" * 200,)] * 20)
+        conn.execute("COMMIT")
+    conn.close()
+
+
+@pytest.mark.parametrize("journal_mode", ["wal", "delete"])
+def test_snapshot_under_concurrent_writer(tmp_path, journal_mode):
+    db = make_db(tmp_path / "live.db", rows=20000, journal_mode=journal_mode)
+    dest = tmp_path / "sets"
+    dest.mkdir()
+    ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
+    stop, started = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_writer, args=(db, stop, started))
+    proc.start()
+    try:
+        assert started.wait(10)
+        time.sleep(0.3)
+        committed_before = count(db)
+        result = bs.backup({"databases": [db], "dest": str(dest), "compression": "none",
+                            "check": "integrity_check", "busy_timeout": 30000})
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        proc.join(30)
+    assert proc.exitcode == 0
+    assert count(db) > committed_before  # the writer kept going
+    out = tmp_path / "out"
+    out.mkdir()
+    with tarfile.open(result["path"]) as tar:
+        tar.extract("databases/live.db", str(out))
+    copy = out / "databases" / "live.db"
+    rows = count(copy)
+    assert rows >= committed_before
+    conn = sqlite3.connect(str(copy))
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert conn.execute("SELECT max(id) FROM items").fetchone()[0] == rows  # no torn transactions
+    conn.close()
+    assert rows % 20 == 0  # whole 20-row transactions only (20000 seed rows + n * 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# retention
+
+
+DAY = 86400
+
+
+def test_retention_keep_last_and_newest_verified(tmp_path):
+    now = calendar.timegm((2026, 6, 30, 12, 0, 0))
+    names = [fake_set(tmp_path, now - i * 3600) for i in range(5)]
+    kept, pruned = bs.select_retained(bs.list_sets(str(tmp_path), "backup"), {"keep_last": 2}, now)
+    assert kept == names[:2] and pruned == names[2:]
+    # none set: keep everything
+    kept, pruned = bs.select_retained(bs.list_sets(str(tmp_path), "backup"), {}, now)
+    assert pruned == []
+
+
+def test_retention_newest_verified_is_never_deleted(tmp_path):
+    now = calendar.timegm((2026, 6, 30, 12, 0, 0))
+    unverified = fake_set(tmp_path, now, verified=False)
+    verified = fake_set(tmp_path, now - DAY)
+    kept, pruned = bs.select_retained(bs.list_sets(str(tmp_path), "backup"), {"keep_last": 1}, now)
+    assert kept == [unverified, verified]
+    kept, pruned = bs.select_retained(bs.list_sets(str(tmp_path), "backup"), {"keep_last": 0}, now)
+    assert kept == [verified] and pruned == [unverified]
+
+
+def test_retention_gfs_union(tmp_path):
+    now = calendar.timegm((2026, 6, 30, 23, 0, 0))
+    sets = []
+    for day in range(120):  # two sets a day for 120 days
+        for hour in (1, 13):
+            sets.append(fake_set(tmp_path, now - day * DAY - (23 - hour) * 3600))
+    listed = bs.list_sets(str(tmp_path), "backup")
+    kept, pruned = bs.select_retained(listed, {"keep_daily": 7, "keep_weekly": 4, "keep_monthly": 3}, now)
+    kept_days = {name.split("-")[1][:8] for name in kept}
+    # the 7 newest days each keep their newest set (13:00)
+    for day in range(7):
+        stamp = time.strftime("%Y%m%d", time.gmtime(now - day * DAY))
+        assert "backup-%sT130000Z.tar.gz" % stamp in kept
+    assert len(kept_days) <= 7 + 4 + 3
+    assert "backup-20260531T130000Z.tar.gz" in kept  # newest of May
+    assert "backup-20260430T130000Z.tar.gz" in kept  # newest of April
+    assert len(kept) + len(pruned) == 240
+    kept2 = bs.select_retained(listed, {"keep_days": 2}, now)[0]
+    assert len(kept2) == 4  # everything from the last 48 hours: 29 and 30 June, 01:00 and 13:00
+
+
+def test_prune_state_removes_sets_and_sidecars_second_run_unchanged(tmp_path):
+    now = time.time()
+    for i in range(4):
+        fake_set(tmp_path, now - i * DAY)
+    (tmp_path / "unrelated.txt").write_text("keep me")
+    result = bs.backup({"dest": str(tmp_path), "state": "pruned", "keep_last": 2})
+    assert result["changed"] is True and len(result["pruned"]) == 2
+    assert len([n for n in listing(tmp_path) if n.endswith(".sha256")]) == 2
+    assert "unrelated.txt" in listing(tmp_path)
+    again = bs.backup({"dest": str(tmp_path), "state": "pruned", "keep_last": 2})
+    assert again["changed"] is False and again["pruned"] == []
+
+
+def test_other_prefix_is_never_pruned(tmp_path):
+    now = time.time()
+    fake_set(tmp_path, now - 5 * DAY, prefix="other")
+    fake_set(tmp_path, now)
+    fake_set(tmp_path, now - DAY)
+    result = bs.backup({"dest": str(tmp_path), "state": "pruned", "keep_last": 1})
+    assert len(result["pruned"]) == 1
+    assert any(n.startswith("other-") for n in listing(tmp_path))
+
+
+def test_retention_over_10000_sets_is_fast(tmp_path):
+    now = calendar.timegm((2026, 6, 30, 12, 0, 0))
+    names = []
+    for i in range(10000):
+        name = "backup-%s.tar.zst" % time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now - i * 600))
+        names.append(name)
+    for name in names:
+        open(str(tmp_path / name), "wb").close()
+        open(str(tmp_path / (name + ".sha256")), "wb").close()
+    started = time.monotonic()
+    listed = bs.list_sets(str(tmp_path), "backup")
+    kept, pruned = bs.select_retained(listed, {"keep_last": 10, "keep_daily": 7, "keep_weekly": 4,
+                                               "keep_monthly": 12, "keep_days": 1}, now)
+    assert time.monotonic() - started < 2.0
+    assert len(listed) == 10000 and kept[0] == names[0] and len(kept) + len(pruned) == 10000
+
+
+def test_name_parsing():
+    assert bs.parse_set_name("my-app-20260101T010203Z-pre-upgrade.tar.zst") == (
+        "my-app", calendar.timegm((2026, 1, 1, 1, 2, 3)), "pre-upgrade")
+    assert bs.parse_set_name("backup-20260101T010203Z.tar")[2] == ""
+    assert bs.parse_set_name("backup-2026.tar") is None
+    assert bs.parse_set_name("backup-20260101T010203Z.tar.sha256") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# lock
+
+
+def test_lock_held_past_timeout(app):
+    root, dest = app
+    fd = os.open(str(dest / bs.LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(bs.LockTimeout, match="lock_timeout=0.3"):
+            bs.backup(params(root, dest, lock_timeout=0.3))
+    finally:
+        os.close(fd)
+    assert set_files(dest) == []
+
+
+def test_restore_waits_for_a_running_backup(backed_up, tmp_path):
+    dest = backed_up[1]
+    fd = os.open(str(dest / bs.LOCK_NAME), os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(bs.LockTimeout, match="holds the lock"):
+            bs.restore({"src": str(dest), "mode": "drill", "drill_dir": str(tmp_path), "lock_timeout": 0})
+    finally:
+        os.close(fd)
+    # two readers share the lock
+    fd = os.open(str(dest / bs.LOCK_NAME), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        out = bs.restore({"src": str(dest), "mode": "drill", "drill_dir": str(tmp_path), "lock_timeout": 0})
+    finally:
+        os.close(fd)
+    assert out["row_counts"]["app.db"]["items"] == 50
+
+
+def _cli(args, tmp_path, config):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(config))
+    code = ("import sys; from ansible_collections.runbook.sqlite_app.plugins.module_utils._backupset import cli; "
+            "cli()")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-c", code] + args + ["--config", str(cfg)], capture_output=True,
+                          text=True, env=env, check=False)
+
+
+def test_cli_exit_codes(app, tmp_path):
+    root, dest = app
+    ok = _cli(["backup"], tmp_path, params(root, dest))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["name"].startswith("backup-")
+    bad = _cli(["backup"], tmp_path, params(root, dest, databases=[str(root / "missing.db")]))
+    assert bad.returncode == 1 and "missing.db: database file does not exist" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    fd = os.open(str(dest / bs.LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        busy = _cli(["prune"], tmp_path, {"dest": str(dest), "lock_timeout": 0, "keep_last": 1})
+    finally:
+        os.close(fd)
+    assert busy.returncode == 75 and "holds the lock" in busy.stderr
+    drill_dir = tmp_path / "drill"
+    drill_dir.mkdir()
+    drill = _cli(["drill"], tmp_path, {"src": str(dest), "drill_dir": str(drill_dir)})
+    assert drill.returncode == 0, drill.stderr
+    assert json.loads(drill.stdout)["row_counts"]["app.db"]["items"] == 50
+    unknown = _cli(["backup"], tmp_path, dict(params(root, dest), colour="blue"))
+    assert unknown.returncode == 1 and "unknown option(s): colour" in unknown.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input for backup
+
+
+def test_cli_json_values_are_typed_like_module_options(app, tmp_path):
+    root, dest = app
+    result = bs.backup(params(root, dest, databases=str(root / "app.db"), busy_timeout="2000", keep_last="3",
+                              lock_timeout="5"))
+    assert [d["member"] for d in result["databases"]] == ["databases/app.db"]
+    drill_dir = tmp_path / "drill"
+    drill_dir.mkdir()
+    out = bs.restore({"src": str(dest), "mode": "drill", "drill_dir": str(drill_dir), "force": "false",
+                      "extra_paths": "no"})
+    assert out["row_counts"]["app.db"]["items"] == 50
+    with pytest.raises(RunbookError, match="keep_last='many': must be a whole number"):
+        bs.backup(params(root, dest, keep_last="many"))
+    with pytest.raises(RunbookError, match="force='maybe': must be true or false"):
+        bs.restore({"src": str(dest), "force": "maybe"})
+
+
+def test_missing_database(app):
+    root, dest = app
+    with pytest.raises(RunbookError, match=r"missing\.db: database file does not exist"):
+        bs.backup(params(root, dest, databases=[str(root / "missing.db")]))
+    assert listing(dest) == []
+
+
+def test_not_a_database(app):
+    root, dest = app
+    with pytest.raises(RunbookError, match=r"\.env: not an SQLite database"):
+        bs.backup(params(root, dest, databases=[str(root / ".env")]))
+    assert listing(dest) == []
+
+
+def test_database_locked_past_busy_timeout(app):
+    root, dest = app
+    db = str(root / "tokens.db")  # rollback-journal mode
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(RunbookError, match=r"tokens\.db: database is locked .*busy_timeout \(200 ms\)"):
+            bs.backup(params(root, dest, busy_timeout=200))
+        assert time.monotonic() - started < 5
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert set_files(dest) == []
+    assert not [n for n in listing(dest) if n.startswith(".runbook-tmp-")]
+
+
+def test_dest_missing_or_not_a_directory(app, tmp_path):
+    root, dest = app
+    with pytest.raises(RunbookError, match="nope: destination directory does not exist"):
+        bs.backup(params(root, tmp_path / "nope"))
+    with pytest.raises(RunbookError, match=r"\.env: destination is not a directory"):
+        bs.backup(params(root, root / ".env"))
+
+
+@pytest.fixture
+def tiny_mount(tmp_path):
+    mounted = []
+
+    def mount(options):
+        target = tmp_path / ("mnt%d" % len(mounted))
+        target.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True,
+                              check=False)
+        if done.returncode != 0:
+            pytest.skip("cannot mount a tmpfs here: %s" % done.stderr.decode().strip())
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", str(target)], check=False)
+
+
+def test_unwritable_dest(app, tiny_mount):
+    root = app[0]
+    if os.geteuid() == 0:
+        dest = tiny_mount("ro,size=1m")
+    else:
+        dest = root.parent / "ro"
+        dest.mkdir()
+        os.chmod(str(dest), 0o500)
+    with pytest.raises(RunbookError, match="%s: destination directory is not writable" % dest):
+        bs.backup(params(root, dest))
+
+
+def test_enospc_on_a_real_tiny_filesystem(tmp_path, tiny_mount):
+    db = make_db(tmp_path / "big.db", rows=0)
+    conn = sqlite3.connect(db)
+    conn.executemany("INSERT INTO items (body) VALUES (?)", [(os.urandom(1024).hex(),) for dummy in range(2000)])
+    conn.commit()
+    conn.close()
+    dest = tiny_mount("size=1m")
+    bs.backup({"dest": str(dest), "state": "pruned"})  # creates the lock file
+    with pytest.raises(RunbookError, match="no space left on device"):
+        bs.backup({"databases": [db], "dest": str(dest), "compression": "none"})
+    assert listing(dest) == [bs.LOCK_NAME]
+    assert count(db) == 2000
+
+
+def test_enospc_while_writing_the_set(app, monkeypatch):
+    root, dest = app
+    real_open = bs._open_writer
+
+    class Full:
+        def __init__(self, tar):
+            self.tar = tar
+
+        def addfile(self, *args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bs, "_open_writer", lambda staged, comp: (Full(real_open(staged, comp)[0]), None))
+    with pytest.raises(RunbookError, match="writing the set failed: no space left on device"):
+        bs.backup(params(root, dest, compression="gzip"))
+    assert listing(dest) == [bs.LOCK_NAME]
+
+
+def test_unknown_compression(app):
+    root, dest = app
+    with pytest.raises(RunbookError, match="compression 'xz': unknown"):
+        bs.backup(params(root, dest, compression="xz"))
+    assert listing(dest) == []
+
+
+def test_zstd_absent(app, monkeypatch):
+    root, dest = app
+    monkeypatch.setenv("PATH", str(root))
+    with pytest.raises(RunbookError, match="zstd binary is not installed"):
+        bs.backup(params(root, dest, compression="zstd"))
+    assert listing(dest) == []
+
+
+def test_verification_failure_never_publishes(app, monkeypatch):
+    root, dest = app
+
+    def broken(path, extract_to=None):
+        raise RunbookError("%s: member databases/app.db does not match its sha256" % path)
+
+    monkeypatch.setattr(bs, "scan_set", broken)
+    with pytest.raises(RunbookError, match="does not match"):
+        bs.backup(params(root, dest))
+    assert set_files(dest) == []
+    assert not [n for n in listing(dest) if n.startswith(".runbook-tmp-")]
+
+
+# ---------------------------------------------------------------------------------------------
+# restore
+
+
+@pytest.fixture
+def backed_up(app):
+    root, dest = app
+    result = bs.backup(params(root, dest))
+    return root, dest, result
+
+
+def test_restore_needs_force_and_keeps_safety_copy(backed_up):
+    root, dest, result = backed_up
+    db = root / "app.db"
+    os.chmod(str(db), 0o640)
+    make_db(db, rows=10)  # the live database moves on
+    with pytest.raises(RunbookError, match=r"app\.db: exists and differs .* force=true"):
+        bs.restore({"src": str(dest)})
+    assert count(db) == 60
+    out = bs.restore({"src": str(dest), "force": True})
+    assert out["changed"] is True and out["verified"] is True
+    assert out["set"] == result["name"]
+    # tokens.db is restored too: a snapshot is not byte-identical to its source (header counters)
+    assert out["restored"] == [str(db), str(root / "tokens.db")]
+    assert count(db) == 50
+    assert stat.S_IMODE(os.stat(str(db)).st_mode) == 0o640
+    safety = [p for p in out["safety_copies"] if p.startswith(str(db) + ".pre-restore-") and p.endswith("Z")]
+    assert len(safety) == 1
+    assert count(safety[0]) == 60  # the replaced database, with its -wal, is kept
+    for extra in ("-wal", "-shm", "-journal"):
+        assert not os.path.exists(str(db) + extra)
+    again = bs.restore({"src": str(dest), "force": True})
+    assert again["changed"] is False and again["restored"] == []
+
+
+def test_restore_if_missing(backed_up):
+    root, dest = backed_up[:2]
+    os.unlink(str(root / "tokens.db"))
+    out = bs.restore({"src": str(dest), "if_missing": True})
+    assert out["restored"] == [str(root / "tokens.db")]
+    assert str(root / "app.db") in out["skipped_paths"]
+    assert count(root / "tokens.db") == 3
+    assert stat.S_IMODE(os.stat(str(root / "tokens.db")).st_mode) == 0o600
+    again = bs.restore({"src": str(dest), "if_missing": True})
+    assert again["changed"] is False and again["restored"] == []
+
+
+def test_restore_to_a_fresh_root_with_extra_files(backed_up, tmp_path):
+    root, dest = backed_up[:2]
+    fresh = tmp_path / "fresh"
+    out = bs.restore({"src": str(dest), "dest_root": str(fresh)})
+    new_root = fresh / str(root).lstrip("/")
+    assert count(new_root / "app.db") == 50
+    assert (new_root / ".env").read_text() == "API_KEY=secret\n"
+    assert stat.S_IMODE(os.stat(str(new_root / ".env")).st_mode) == 0o640
+    assert os.readlink(str(new_root / "certs" / "current.pem")) == "server.pem"
+    assert str(new_root / ".env") in out["restored"]
+
+
+def test_restore_selected_database_only(backed_up, tmp_path):
+    root, dest = backed_up[:2]
+    fresh = tmp_path / "fresh"
+    out = bs.restore({"src": str(dest), "dest_root": str(fresh), "databases": ["tokens.db"], "extra_paths": False})
+    assert [os.path.basename(p) for p in out["restored"]] == ["tokens.db"]
+    with pytest.raises(RunbookError, match="no database 'nope.db' in this set"):
+        bs.restore({"src": str(dest), "dest_root": str(fresh), "databases": ["nope.db"]})
+
+
+def test_restore_check_mode_writes_nothing(backed_up, tmp_path):
+    root, dest = backed_up[:2]
+    fresh = tmp_path / "fresh"
+    out = bs.restore({"src": str(dest), "dest_root": str(fresh)}, check_mode=True)
+    assert out["changed"] is True and len(out["restored"]) >= 2
+    assert not fresh.exists()
+
+
+def test_drill_reports_row_counts_and_touches_nothing(backed_up, tmp_path):
+    root, dest = backed_up[:2]
+    drill = tmp_path / "drill"
+    drill.mkdir()
+    before = listing(root)
+    out = bs.restore({"src": str(dest), "mode": "drill", "drill_dir": str(drill)})
+    assert out["row_counts"] == {"app.db": {"items": 50, "users": 1}, "tokens.db": {"items": 3, "users": 1}}
+    assert out["changed"] is False and out["restored"] == []
+    assert listing(drill) == [] and listing(root) == before
+    with pytest.raises(RunbookError, match="drill_dir is required"):
+        bs.restore({"src": str(dest), "mode": "drill"})
+
+
+def test_choose_set_by_before_and_label(tmp_path, app):
+    root, dest = app
+    first = bs.backup(params(root, dest, label="nightly"))
+    second = bs.backup(params(root, dest, label="pre-upgrade"))
+    assert bs.choose_set({"src": str(dest), "set": "latest", "name_prefix": None, "label": None,
+                          "before": None}).endswith(second["name"])
+    assert bs.choose_set({"src": str(dest), "set": "latest", "name_prefix": None, "label": "nightly",
+                          "before": None}).endswith(first["name"])
+    stamp = bs.parse_set_name(second["name"])[1]
+    before = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+    assert bs.choose_set({"src": str(dest), "set": "latest", "name_prefix": None, "label": None,
+                          "before": before}).endswith(first["name"])
+    with pytest.raises(RunbookError, match="no verified backup set matches"):
+        bs.choose_set({"src": str(dest), "set": "latest", "name_prefix": None, "label": None,
+                       "before": "2000-01-01T00:00:00"})
+    with pytest.raises(RunbookError, match="not an ISO 8601 timestamp"):
+        bs.choose_set({"src": str(dest), "set": "latest", "name_prefix": None, "label": None, "before": "yesterday"})
+
+
+# ---------------------------------------------------------------------------------------------
+# bad sets
+
+
+def test_wrong_checksum(backed_up, tmp_path):
+    root, dest, result = backed_up
+    sidecar = dest / (result["name"] + ".sha256")
+    sidecar.write_text("%s  %s\n" % ("a" * 64, result["name"]))
+    before = (root / "app.db").read_bytes()
+    with pytest.raises(RunbookError, match="sha256 mismatch"):
+        bs.restore({"src": str(dest), "force": True})
+    assert (root / "app.db").read_bytes() == before
+
+
+def test_missing_sidecar(backed_up):
+    root, dest, result = backed_up
+    os.unlink(str(dest / (result["name"] + ".sha256")))
+    with pytest.raises(RunbookError, match="checksum file .* is missing"):
+        bs.restore({"src": str(dest), "set": result["name"], "force": True})
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", pytest.param("zstd", marks=needs_zstd)])
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_or_truncated_set(app, tmp_path, damage, compression):
+    root, dest = app
+    result = bs.backup(params(root, dest, compression=compression))
+    path = dest / result["name"]
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    # refresh the sidecar so the damage is found by reading the archive itself
+    (dest / (result["name"] + ".sha256")).write_text("%s  %s\n" % (hashlib.sha256(data).hexdigest(), path.name))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RunbookError, match="damaged|truncated|does not match|CRC|manifest"):
+        bs.restore({"src": str(dest), "dest_root": str(fresh)})
+    assert not fresh.exists()
+
+
+def test_not_a_set(tmp_path):
+    path = tmp_path / "backup-20260101T000000Z.tar"
+    path.write_bytes(b"hello, not a tar at all" * 100)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / (path.name + ".sha256")).write_text("%s  %s\n" % (digest, path.name))
+    with pytest.raises(RunbookError, match=str(path)):
+        bs.verify_set(str(path))
+
+
+def _info(name, kind=tarfile.REGTYPE, linkname="", size=0):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.size = size
+    return info
+
+
+@pytest.mark.parametrize("member,reason", [
+    (_info("/etc/evil", size=1), "absolute path"),
+    (_info("files/../../evil", size=1), "'..'"),
+    (_info("files/certs/link", tarfile.SYMTYPE, "../../../etc/passwd"), "points outside"),
+    (_info("files/certs/abs", tarfile.SYMTYPE, "/etc/passwd"), "points outside"),
+    (_info("files/certs/hard", tarfile.LNKTYPE, "files/certs/x"), "hard link"),
+    (_info("files/dev", tarfile.CHRTYPE), "device"),
+    (_info("files/fifo", tarfile.FIFOTYPE), "device, fifo"),
+])
+def test_malicious_members_are_refused_before_extraction(tmp_path, member, reason):
+    src = tmp_path / "sets"
+    src.mkdir()
+    good = _info("files/ok.txt", size=2)
+    data = b"x" if member.isfile() else None
+    path = write_set(src / "backup-20260101T000000Z.tar", [(good, b"ok"), (member, data)])
+    with pytest.raises(RunbookError, match="unsafe archive member"):
+        bs.restore({"src": str(src), "dest_root": str(tmp_path / "out")})
+    with pytest.raises(RunbookError, match=reason.replace("(", r"\(").replace(".", r"\.")):
+        bs.verify_set(path)
+    assert not (tmp_path / "out").exists()
+    assert not os.path.exists("/etc/evil")
+
+
+def test_member_not_in_manifest_is_refused(tmp_path):
+    src = tmp_path / "sets"
+    src.mkdir()
+    path = src / "backup-20260101T000000Z.tar"
+    write_set(path, [(_info("files/ok.txt", size=2), b"ok")])
+    with tarfile.open(str(path), "a") as tar:
+        tar.addfile(_info("files/extra.txt", size=1), io.BytesIO(b"e"))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    (src / (path.name + ".sha256")).write_text("%s  %s\n" % (digest, path.name))
+    with pytest.raises(RunbookError, match="not in the manifest"):
+        bs.verify_set(str(path))
+
+
+def test_damaged_database_in_set_is_not_restored(app, tmp_path):
+    root, dest = app
+    src = tmp_path / "bad-sets"
+    src.mkdir()
+    garbage = b"SQLite format 3\x00" + b"\xff" * 4080
+    info = _info("databases/app.db", size=len(garbage))
+    path = write_set(src / "backup-20260101T000000Z.tar", [(info, garbage)])
+    manifest_members = bs.verify_set(path)["members"]
+    assert manifest_members[0]["member"] == "databases/app.db"
+    # make the crafted member a database entry pointing at the live path
+    data = json.loads(json.dumps(manifest_members))
+    data[0].update(type="database", path=str(root / "app.db"))
+    manifest = json.dumps({"format": 1, "members": data, "databases": []}).encode()
+    with tarfile.open(path, "w") as tar:
+        minfo = _info(bs.MANIFEST, size=len(manifest))
+        tar.addfile(minfo, io.BytesIO(manifest))
+        tar.addfile(info, io.BytesIO(garbage))
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    (src / "backup-20260101T000000Z.tar.sha256").write_text("%s  x\n" % digest)
+    before = (root / "app.db").read_bytes()
+    with pytest.raises(RunbookError, match=r"app\.db: quick_check of the restored copy failed"):
+        bs.restore({"src": str(src), "force": True})
+    assert (root / "app.db").read_bytes() == before
+    assert not [n for n in listing(root) if n.startswith(".runbook-tmp-") or ".pre-restore-" in n]
