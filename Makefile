@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-.PHONY: help demo test venv lint sanity units integration molecule lab bench build clean
+.PHONY: help demo test venv lint sanity units integration reliability ecosystem molecule lab bench build clean
 
 help:
 	@echo "make demo   - run the collection's playbooks on a sample app in ./demo (localhost, no root)"
@@ -19,7 +19,7 @@ test:
 venv:
 	@bash tools/venv.sh
 
-lint sanity units integration molecule:
+lint sanity units integration reliability ecosystem molecule:
 	@bash tools/test.sh $@
 
 lab:

@@ -8,7 +8,7 @@ cd "$root"
 export PATH="$root/.venv/bin:$PATH"
 export NO_COLOR=1 PY_COLORS=0 ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(lint sanity units integration molecule)
+[ ${#stages[@]} -gt 0 ] || stages=(lint sanity units integration reliability ecosystem molecule)
 
 bash tools/venv.sh || exit 1
 tree=$(bash tools/collection-tree.sh) || exit 1
@@ -31,6 +31,14 @@ stage_units() {
 }
 stage_integration() {
     (cd "$tree" && ansible-test integration --local --python 3.11 --color no)
+}
+stage_reliability() {
+    # Faults, bad input, leaks, permissions: tests/reliability (RUNBOOK_SOAK=1 for the long mode).
+    (cd "$tree" && PYTHONPATH="$root/build" python -m pytest -q -p no:cacheprovider tests/reliability)
+}
+stage_ecosystem() {
+    # Release hygiene, AWX/ansible-runner, docs and metrics checks: tests/ecosystem/run.sh.
+    bash tests/ecosystem/run.sh
 }
 stage_molecule() {
     bash tools/dockerd.sh && bash tools/lab-image.sh || return 1
