@@ -7,9 +7,11 @@
 # Standard library only: the backup role runs these engines on hosts that have no Ansible.
 """Backup sets: one verified tar file per run, holding consistent SQLite snapshots and extra files.
 
-A set is ``<prefix>-<YYYYmmddTHHMMSSZ>[-<label>].tar[.gz|.zst]`` plus ``<set>.sha256`` (sha256sum
-format). The archive starts with ``manifest.json`` (members, sizes, sha256s, per-database pragmas),
-then ``databases/<member>`` and ``files/<relative path>``. See docs/backup-sets.md.
+A set is ``<prefix>-<YYYYmmddTHHMMSSZ>[-<label>].tar[.gz|.zst][.age]`` plus ``<set>.sha256``
+(sha256sum format); ``.age`` marks a set encrypted to age recipients (the whole tar stream, manifest
+included, is encrypted; the sidecar holds the sha256 of the encrypted file). The archive starts
+with ``manifest.json`` (members, sizes, sha256s, per-database pragmas), then
+``databases/<member>`` and ``files/<relative path>``. See docs/backup-sets.md.
 
 Used by the sqlite_backup / sqlite_restore modules and, on hosts, by ``cli()`` from a systemd timer.
 """
@@ -61,6 +63,9 @@ MANIFEST = "manifest.json"
 LOCK_NAME = ".runbook-backup.lock"
 COMPRESSIONS = ("none", "gzip", "zstd")
 EXTENSIONS = {"none": ".tar", "gzip": ".tar.gz", "zstd": ".tar.zst"}
+AGE_SUFFIX = ".age"
+AGE_MAGIC = b"age-encryption.org/"
+AGE_ARMOR_MAGIC = b"-----BEGIN AGE ENC"
 CHUNK = 1024 * 1024
 GZIP_LEVEL = 6
 ZSTD_LEVEL = 3
@@ -68,7 +73,7 @@ EX_TEMPFAIL = 75
 
 _TS_FORMAT = "%Y%m%dT%H%M%SZ"
 _SET_NAME = re.compile(r"^(?P<prefix>.+?)-(?P<ts>\d{8}T\d{6}Z)(?:-(?P<label>[A-Za-z0-9._-]+?))?"
-                       r"(?P<ext>\.tar|\.tar\.gz|\.tar\.zst)$")
+                       r"(?P<ext>\.tar|\.tar\.gz|\.tar\.zst)(?P<age>\.age)?$")
 _LABEL_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 BACKUP_DEFAULTS = {
@@ -76,13 +81,13 @@ BACKUP_DEFAULTS = {
     "label": None, "compression": "zstd", "check": "quick_check", "busy_timeout": 5000,
     "mode": "0600", "owner": None, "group": None, "state": "present", "keep_last": None,
     "keep_days": None, "keep_daily": None, "keep_weekly": None, "keep_monthly": None,
-    "lock_timeout": 600, "metrics_file": None,
+    "lock_timeout": 600, "metrics_file": None, "encrypt_recipients": None,
 }
 RESTORE_DEFAULTS = {
     "src": None, "set": "latest", "before": None, "label": None, "name_prefix": None, "databases": None,
     "extra_paths": True, "dest_root": None, "mode": "restore", "drill_dir": None, "force": False,
     "if_missing": False, "check": "quick_check", "safety_copy": True, "owner": None, "group": None,
-    "busy_timeout": 5000, "lock_timeout": 600,
+    "busy_timeout": 5000, "lock_timeout": 600, "identity_file": None, "force_running": False,
 }
 RETENTION_KEYS = ("keep_last", "keep_days", "keep_daily", "keep_weekly", "keep_monthly")
 
@@ -96,8 +101,9 @@ class LockTimeout(RunbookError):
 
 
 _INT_OPTIONS = ("busy_timeout", "lock_timeout") + RETENTION_KEYS
-_BOOL_OPTIONS = ("extra_paths", "force", "if_missing", "safety_copy")
+_BOOL_OPTIONS = ("extra_paths", "force", "if_missing", "safety_copy", "force_running")
 _LIST_OPTIONS = ("databases",)
+_AGE_RECIPIENT = re.compile(r"^(age1[02-9ac-hj-np-z]{58}|ssh-(ed25519|rsa) [A-Za-z0-9+/=]+( [^\n\r]*)?)$")
 
 
 def _options(given: dict, defaults: dict) -> dict:
@@ -125,7 +131,7 @@ def _options(given: dict, defaults: dict) -> dict:
             if lowered not in ("true", "false", "yes", "no", "1", "0"):
                 raise RunbookError("%s=%r: must be true or false" % (key, value))
             opts[key] = lowered in ("true", "yes", "1")
-    for key in _LIST_OPTIONS if restore_opts else _LIST_OPTIONS + ("extra_paths",):
+    for key in _LIST_OPTIONS if restore_opts else _LIST_OPTIONS + ("extra_paths", "encrypt_recipients"):
         if isinstance(opts.get(key), str):
             opts[key] = [opts[key]]
     return opts
@@ -153,16 +159,44 @@ def _check_kind(kind: str) -> None:
         raise RunbookError("check %r: unknown (expected quick_check or integrity_check)" % (kind,))
 
 
+def _require_age(what: str) -> str:
+    found = shutil.which("age")
+    if found is None:
+        raise RunbookError("%s: the age binary is not installed on this host "
+                           "(install the age package, https://age-encryption.org)" % what)
+    return found
+
+
+def _check_recipients(recipients) -> list:
+    """Validated age recipients (X25519 ``age1...`` keys or ssh-ed25519/ssh-rsa public keys)."""
+    if not recipients:
+        return []
+    if not isinstance(recipients, (list, tuple)):
+        raise RunbookError("encrypt_recipients: expected a list of age public keys")
+    clean = []
+    for item in recipients:
+        text = item.strip() if isinstance(item, str) else item
+        if not isinstance(text, str) or not _AGE_RECIPIENT.match(text):
+            shown = str(item)
+            shown = shown[:12] + "..." if len(shown) > 12 else shown
+            raise RunbookError("encrypt_recipients: %r is not an age public key (age1...) or an ssh-ed25519/"
+                               "ssh-rsa public key; give public keys, never an identity (AGE-SECRET-KEY-...)"
+                               % (shown,))
+        clean.append(text)
+    _require_age("encrypt_recipients")
+    return clean
+
+
 def sanitize_label(label) -> str:
     return _LABEL_CHARS.sub("-", str(label)).strip("-.") if label else ""
 
 
-def set_name(prefix: str, when: datetime.datetime, label, compression: str) -> str:
+def set_name(prefix: str, when: datetime.datetime, label, compression: str, encrypted: bool = False) -> str:
     name = "%s-%s" % (prefix, when.strftime(_TS_FORMAT))
     clean = sanitize_label(label)
     if clean:
         name += "-" + clean
-    return name + EXTENSIONS[compression]
+    return name + EXTENSIONS[compression] + (AGE_SUFFIX if encrypted else "")
 
 
 def parse_set_name(name: str):
@@ -192,7 +226,7 @@ def list_sets(directory: str, prefix: str | None = None) -> list[dict]:
         if not parsed or (prefix is not None and parsed[0] != prefix):
             continue
         sets.append({"name": name, "prefix": parsed[0], "time": parsed[1], "label": parsed[2],
-                     "verified": name + ".sha256" in present})
+                     "verified": name + ".sha256" in present, "encrypted": name.endswith(AGE_SUFFIX)})
     sets.sort(key=lambda item: (item["time"], item["name"]), reverse=True)
     return sets
 
@@ -453,18 +487,62 @@ def _zstd_error(proc) -> str:
     return text.splitlines()[-1] if text else ""
 
 
-class _Reader:
-    """A decompressed stream of a set file, whatever its compression (sniffed from magic bytes)."""
+def is_encrypted(path: str) -> bool:
+    """True when the file at ``path`` is an age-encrypted stream (binary or armored)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(32)
+    except OSError:
+        return False
+    return head.startswith(AGE_MAGIC) or head.startswith(AGE_ARMOR_MAGIC)
 
-    def __init__(self, path: str):
+
+def _check_identity(identity) -> str:
+    if not identity:
+        raise RunbookError("identity_file is required to read an encrypted set")
+    path = os.path.abspath(str(identity))
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise RunbookError("identity_file %s: cannot read: %s" % (path, describe_oserror(exc))) from None
+    return path
+
+
+def _age_message(proc) -> str:
+    try:
+        text = proc.stderr.read().decode("utf-8", "replace").strip()
+    except (OSError, ValueError):
+        text = ""
+    lines = [line for line in text.splitlines() if "error" in line] or text.splitlines()
+    first = lines[0] if lines else "exit %s" % proc.returncode
+    first = first.replace("age: error: ", "").strip()
+    if "no space left" in first:
+        return "no space left on device"
+    return first
+
+
+class _Reader:
+    """A decompressed stream of a set file, whatever its compression (sniffed from magic bytes).
+
+    An age-encrypted set is decrypted by ``age -d -i IDENTITY`` first; its compression then comes
+    from the file name (``.tar.zst.age``) or, for gzip and plain tar, from the decrypted stream.
+    """
+
+    def __init__(self, path: str, identity: str | None = None):
         self.path = path
         self.proc = None
+        self.age = None
+        self.identity = None
         try:
             self.raw = open(path, "rb")
         except OSError as exc:
             raise RunbookError("%s: cannot read: %s" % (path, describe_oserror(exc))) from None
-        magic = os.pread(self.raw.fileno(), 4, 0)  # leaves the fd offset at 0 for a zstd child
-        if magic[:2] == b"\x1f\x8b":
+        head = os.pread(self.raw.fileno(), 32, 0)
+        magic = head[:4]  # pread leaves the fd offset at 0 for a zstd/age child
+        if head.startswith(AGE_MAGIC) or head.startswith(AGE_ARMOR_MAGIC):
+            self._open_encrypted(identity)
+        elif magic[:2] == b"\x1f\x8b":
             self.compression = "gzip"
             self.tar = tarfile.open(fileobj=self.raw, mode="r|gz")
         elif magic == b"\x28\xb5\x2f\xfd":
@@ -481,12 +559,72 @@ class _Reader:
                 self.close()
                 raise RunbookError("%s: not a backup set (%s)" % (path, exc)) from None
 
+    def _open_encrypted(self, identity) -> None:
+        if not identity:
+            self.raw.close()
+            raise RunbookError("%s: the set is encrypted with age; give identity_file (an age identity "
+                               "matching one of its recipients) to verify or restore it" % self.path)
+        try:
+            self.identity = _check_identity(identity)
+            age = _require_age("%s: encrypted set" % self.path)
+        except RunbookError:
+            self.raw.close()
+            raise
+        self.compression = "age"
+        self.age = subprocess.Popen([age, "-d", "-i", self.identity], stdin=self.raw, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+        try:
+            if ".tar.zst" in os.path.basename(self.path):
+                _check_compression("zstd")
+                self.proc = subprocess.Popen(["zstd", "-q", "-d", "-c"], stdin=self.age.stdout,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                self.tar = tarfile.open(fileobj=self.proc.stdout, mode="r|")
+            else:
+                self.tar = tarfile.open(fileobj=self.age.stdout, mode="r|*")
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            failure = self.decrypt_error()
+            self.close()
+            raise RunbookError(failure or "%s: not a backup set (%s)" % (self.path, exc)) from None
+        except RunbookError:
+            self.close()
+            raise
+
+    def decrypt_error(self, timeout: float = 2.0) -> str | None:
+        """The age failure as a message, when age has exited with an error (None otherwise)."""
+        if self.age is None:
+            return None
+        try:
+            self.age.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        if self.age.returncode == 0:
+            return None
+        cause = _age_message(self.age)
+        hint = " (wrong identity_file?)" if "no identity matched" in cause else ""
+        return "%s: cannot decrypt the set with identity_file %s: %s%s" % (self.path, self.identity, cause, hint)
+
+    def finish_encrypted(self) -> None:
+        """After a complete read: drain age's output and require a clean exit (last chunk authenticated)."""
+        if self.age is None:
+            return
+        if self.proc is None:
+            while self.age.stdout.read(CHUNK):
+                pass
+        failure = self.decrypt_error(timeout=60.0)
+        if failure:
+            raise RunbookError(failure)
+
     def close(self) -> None:
         if self.proc is not None:
             self.proc.stdout.close()
             self.proc.kill()
             self.proc.wait()
             self.proc.stderr.close()
+        if self.age is not None:
+            self.age.stdout.close()
+            self.age.kill()
+            self.age.wait()
+            self.age.stderr.close()
         self.raw.close()
 
     def __enter__(self):
@@ -518,57 +656,31 @@ def _safe_member(info: tarfile.TarInfo, path: str) -> None:
                                % (path, name, target))
 
 
-def scan_set(path: str, extract_to: dict | None = None) -> dict:
+def scan_set(path: str, extract_to: dict | None = None, identity: str | None = None) -> dict:
     """Read a set once: check every member header, hash every file against the manifest.
 
     With ``extract_to`` ({member: target file path}) the named regular members are written to
     those paths (after the caller has already scanned the set once with no extraction).
-    Returns the manifest.
+    ``identity`` is the age identity file for an encrypted set. Returns the manifest.
     """
-    manifest = None
-    seen = set()
     try:
-        with _Reader(path) as reader:
-            for index, info in enumerate(reader.tar):
-                _safe_member(info, path)
-                if index == 0:
-                    if info.name != MANIFEST or not info.isfile() or info.size > 64 * 1024 * 1024:
-                        raise RunbookError("%s: not a backup set (first member is not %s)" % (path, MANIFEST))
-                    manifest = _load_manifest(path, reader.tar.extractfile(info).read())
-                    expected = {m["member"]: m for m in manifest["members"]}
-                    continue
-                entry = expected.get(info.name)
-                if entry is None:
-                    raise RunbookError("%s: member %r is not in the manifest" % (path, info.name))
-                seen.add(info.name)
-                if info.isfile():
-                    digest = hashlib.sha256()
-                    handle = reader.tar.extractfile(info)
-                    out = None
-                    target = extract_to.get(info.name) if extract_to else None
-                    if target:
-                        out = open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
-                    try:
-                        while True:
-                            chunk = handle.read(CHUNK)
-                            if not chunk:
-                                break
-                            digest.update(chunk)
-                            if out is not None:
-                                out.write(chunk)
-                        if out is not None:
-                            out.flush()
-                            os.fsync(out.fileno())
-                    finally:
-                        if out is not None:
-                            out.close()
-                    if digest.hexdigest() != entry.get("sha256") or info.size != entry.get("size"):
-                        raise RunbookError("%s: member %s does not match its sha256 in the manifest (damaged set)"
-                                           % (path, info.name))
-            if reader.proc is not None:
-                reader.proc.stdout.read()
-                if reader.proc.wait() != 0:
-                    raise RunbookError("%s: zstd cannot decompress the set: %s" % (path, _zstd_error(reader.proc)))
+        with _Reader(path, identity) as reader:
+            try:
+                manifest, expected, seen = _scan_members(reader, path, extract_to)
+                if reader.proc is not None:
+                    reader.proc.stdout.read()
+                    if reader.proc.wait() != 0:
+                        failure = reader.decrypt_error()
+                        if failure:
+                            raise RunbookError(failure)
+                        raise RunbookError("%s: zstd cannot decompress the set: %s"
+                                           % (path, _zstd_error(reader.proc)))
+                reader.finish_encrypted()
+            except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, RunbookError):
+                failure = reader.decrypt_error()
+                if failure:
+                    raise RunbookError(failure) from None
+                raise
     except tarfile.TarError as exc:
         raise RunbookError("%s: damaged or truncated set: %s" % (path, exc)) from None
     except (EOFError, OSError, ValueError, zlib.error) as exc:
@@ -581,6 +693,49 @@ def scan_set(path: str, extract_to: dict | None = None) -> dict:
     if missing:
         raise RunbookError("%s: damaged or truncated set: missing member(s) %s" % (path, ", ".join(missing)))
     return manifest
+
+
+def _scan_members(reader: _Reader, path: str, extract_to: dict | None):
+    manifest = None
+    expected = {}
+    seen = set()
+    for index, info in enumerate(reader.tar):
+        _safe_member(info, path)
+        if index == 0:
+            if info.name != MANIFEST or not info.isfile() or info.size > 64 * 1024 * 1024:
+                raise RunbookError("%s: not a backup set (first member is not %s)" % (path, MANIFEST))
+            manifest = _load_manifest(path, reader.tar.extractfile(info).read())
+            expected = {m["member"]: m for m in manifest["members"]}
+            continue
+        entry = expected.get(info.name)
+        if entry is None:
+            raise RunbookError("%s: member %r is not in the manifest" % (path, info.name))
+        seen.add(info.name)
+        if info.isfile():
+            digest = hashlib.sha256()
+            handle = reader.tar.extractfile(info)
+            out = None
+            target = extract_to.get(info.name) if extract_to else None
+            if target:
+                out = open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+            try:
+                while True:
+                    chunk = handle.read(CHUNK)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    if out is not None:
+                        out.write(chunk)
+                if out is not None:
+                    out.flush()
+                    os.fsync(out.fileno())
+            finally:
+                if out is not None:
+                    out.close()
+            if digest.hexdigest() != entry.get("sha256") or info.size != entry.get("size"):
+                raise RunbookError("%s: member %s does not match its sha256 in the manifest (damaged set)"
+                                   % (path, info.name))
+    return manifest, expected, seen
 
 
 def _load_manifest(path: str, data: bytes) -> dict:
@@ -611,14 +766,17 @@ def read_sidecar(set_path: str) -> str:
     return match.group(1)
 
 
-def verify_set(set_path: str) -> dict:
-    """sha256 of the set against its sidecar, then every member against the manifest."""
+def verify_set(set_path: str, identity: str | None = None) -> dict:
+    """sha256 of the set against its sidecar, then every member against the manifest
+    (an encrypted set is decrypted with the age ``identity`` file on the way)."""
     expected = read_sidecar(set_path)
     actual = _sha256_file(set_path)
     if actual != expected:
         raise RunbookError("%s: sha256 mismatch (file %s, %s.sha256 says %s): damaged or altered set"
                            % (set_path, actual, os.path.basename(set_path), expected))
-    return scan_set(set_path)
+    if identity is None:
+        return scan_set(set_path)
+    return scan_set(set_path, identity=identity)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,6 +855,7 @@ def backup(params: dict, check_mode: bool = False, now: float | None = None) -> 
         _check_compression(opts["compression"])
         _check_kind(opts["check"])
         mode = _parse_mode(opts["mode"])
+        opts["encrypt_recipients"] = _check_recipients(opts["encrypt_recipients"])
         for db in opts["databases"]:
             require_database(db)
     if os.path.lexists(dest) and not os.path.isdir(dest):
@@ -712,9 +871,10 @@ def backup(params: dict, check_mode: bool = False, now: float | None = None) -> 
     started = time.time()
     with DestLock(dest, opts["lock_timeout"]):
         remove_stale_temps(dest)
+        _remove_orphan_sidecars(dest)
         before = [item["name"] for item in list_sets(dest, opts["name_prefix"])]
         result = {"changed": False, "path": None, "name": None, "size": None, "sha256": None,
-                  "databases": [], "extra_members": [], "manifest": None}
+                  "databases": [], "extra_members": [], "manifest": None, "encrypted": None}
         if opts["state"] == "present":
             result.update(_write_set(opts, dest, mode))
             result["changed"] = True
@@ -729,6 +889,24 @@ def backup(params: dict, check_mode: bool = False, now: float | None = None) -> 
     return result
 
 
+def _remove_orphan_sidecars(dest: str) -> list[str]:
+    """A run killed between publishing ``<set>.sha256`` and ``<set>`` leaves a checksum file whose
+    set was never published; remove it (only for names that parse as a set)."""
+    removed = []
+    try:
+        names = set(os.listdir(dest))
+    except OSError:
+        return removed
+    for name in names:
+        if name.endswith(".sha256") and parse_set_name(name[:-7]) and name[:-7] not in names:
+            try:
+                os.unlink(os.path.join(dest, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
 def _plan_only(opts: dict, dest: str, sets: list[dict], now: float | None) -> dict:
     now = time.time() if now is None else now
     before = [item["name"] for item in sets]
@@ -738,7 +916,8 @@ def _plan_only(opts: dict, dest: str, sets: list[dict], now: float | None) -> di
         while stamp in {item["time"] for item in sets}:
             stamp += 1  # the real run waits for a free second
         when = datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc)
-        name = set_name(opts["name_prefix"], when, opts["label"], opts["compression"])
+        name = set_name(opts["name_prefix"], when, opts["label"], opts["compression"],
+                        bool(opts["encrypt_recipients"]))
         sets = [{"name": name, "time": stamp, "verified": True}] + sets
     kept, pruned = select_retained(sets, opts, now)
     databases = [{"path": os.path.abspath(db), "member": _member_name(db, opts["root"])}
@@ -746,6 +925,7 @@ def _plan_only(opts: dict, dest: str, sets: list[dict], now: float | None) -> di
     return {"changed": bool(name) or bool(pruned), "path": os.path.join(dest, name) if name else None,
             "name": name, "size": None, "sha256": None, "duration": 0.0, "databases": databases,
             "extra_members": [], "manifest": None, "pruned": pruned, "kept": kept,
+            "encrypted": bool(opts["encrypt_recipients"]) if opts["state"] == "present" else None,
             "diff": {"before": "\n".join(sorted(before)) + "\n", "after": "\n".join(sorted(kept)) + "\n"}}
 
 
@@ -757,7 +937,8 @@ def _write_set(opts: dict, dest: str, mode: int) -> dict:
             break
         time.sleep(1.0 - (stamp % 1.0) + 0.01)  # one set per second and prefix: wait for the next second
     when = datetime.datetime.fromtimestamp(int(stamp), datetime.timezone.utc)
-    name = set_name(opts["name_prefix"], when, opts["label"], opts["compression"])
+    recipients = opts["encrypt_recipients"] or []
+    name = set_name(opts["name_prefix"], when, opts["label"], opts["compression"], bool(recipients))
     workdir = make_temp_dir(dest)
     try:
         entries, databases = [], []
@@ -803,6 +984,7 @@ def _write_set(opts: dict, dest: str, mode: int) -> dict:
             "compression": opts["compression"],
             "root": os.path.abspath(opts["root"]) if opts["root"] else None,
             "check": opts["check"],
+            "encrypted": bool(recipients),
             "databases": databases,
             "members": [{key: value for key, value in entry.items() if key != "staged"} for entry in entries],
         }
@@ -810,10 +992,22 @@ def _write_set(opts: dict, dest: str, mode: int) -> dict:
         final = os.path.join(dest, name)
         with StagedFile(final, mode=mode, owner=opts["owner"], group=opts["group"]) as staged, \
                 StagedFile(final + ".sha256", mode=mode, owner=opts["owner"], group=opts["group"]) as sidecar:
-            _write_archive(staged, opts["compression"], manifest_bytes, entries, workdir)
-            staged.finish()
-            digest = _sha256_file(staged.temp_path)
-            scan_set(staged.temp_path)  # a set failing verification is never published
+            if recipients:
+                # the plain archive is written and verified inside the private work dir, then encrypted
+                plain = _PlainArchive(os.path.join(workdir, "plain" + EXTENSIONS[opts["compression"]]))
+                try:
+                    _write_archive(plain, opts["compression"], manifest_bytes, entries, workdir)
+                finally:
+                    plain.close()
+                scan_set(plain.path)  # a set failing verification is never published
+                _encrypt(plain.path, staged, recipients)
+                staged.finish()
+                digest = _sha256_file(staged.temp_path)
+            else:
+                _write_archive(staged, opts["compression"], manifest_bytes, entries, workdir)
+                staged.finish()
+                digest = _sha256_file(staged.temp_path)
+                scan_set(staged.temp_path)  # a set failing verification is never published
             sidecar.write(("%s  %s\n" % (digest, name)).encode("ascii"))
             sidecar.finish()
             size = os.path.getsize(staged.temp_path)
@@ -822,8 +1016,50 @@ def _write_set(opts: dict, dest: str, mode: int) -> dict:
     finally:
         remove_temp_dir(workdir)
     return {"path": final, "name": name, "size": size, "sha256": digest, "databases": databases,
+            "encrypted": bool(recipients),
             "extra_members": [entry["member"] for entry in entries if entry["type"] != "database"],
             "manifest": manifest}
+
+
+class _PlainArchive:
+    """The unencrypted archive in the work dir; quacks like StagedFile for _write_archive."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.fileobj = open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+        except OSError as exc:
+            raise RunbookError("%s: cannot write: %s" % (path, describe_oserror(exc))) from None
+
+    def close(self) -> None:
+        try:
+            self.fileobj.close()
+        except OSError as exc:
+            raise RunbookError("%s: writing the set failed: %s" % (self.path, describe_oserror(exc))) from None
+
+
+def _encrypt(plain: str, staged: StagedFile, recipients: list) -> None:
+    """``age -r R... PLAIN`` into the staged file; the result must carry the age header."""
+    command = [_require_age("encrypt_recipients")]
+    for recipient in recipients:
+        command += ["-r", recipient]
+    command.append(plain)
+    try:
+        staged.fileobj.flush()
+        proc = subprocess.run(command, stdout=staged.fileobj, stderr=subprocess.PIPE, check=False)
+    except OSError as exc:
+        raise RunbookError("%s: cannot run age: %s" % (staged.path, describe_oserror(exc))) from None
+    if proc.returncode != 0:
+        text = proc.stderr.decode("utf-8", "replace")
+        if "no space left" in text.lower():
+            cause = "no space left on device"
+        else:
+            lines = [line for line in text.splitlines() if "error" in line] or text.splitlines() or ["exit %d"
+                                                                                                     % proc.returncode]
+            cause = lines[0].replace("age: error: ", "")
+        raise RunbookError("%s: age encryption failed: %s" % (staged.path, cause))
+    if not is_encrypted(staged.temp_path):
+        raise RunbookError("%s: age encryption failed: output has no age header" % staged.path)
 
 
 def _copy_hashing_existing(path: str) -> tuple[int, str]:
@@ -934,7 +1170,7 @@ def restore(params: dict, check_mode: bool = False) -> dict:
 
 def _restore_locked(opts: dict, check_mode: bool) -> dict:
     set_path = choose_set(opts)
-    manifest = verify_set(set_path)
+    manifest = verify_set(set_path, identity=opts["identity_file"])
     if opts["mode"] == "drill":
         return _drill(set_path, manifest, opts, check_mode)
     members = _select_members(manifest, opts, set_path)
@@ -958,6 +1194,10 @@ def _restore_locked(opts: dict, check_mode: bool) -> dict:
                 raise RunbookError("%s: exists and differs from set %s; set force=true to replace it "
                                    "(or if_missing=true to skip existing files)" % (target, os.path.basename(set_path)))
         plan.append((member, target))
+    if not opts["force_running"]:
+        for member, target in plan:
+            if member["type"] == "database" and os.path.lexists(target):
+                refuse_if_in_use(target)
     result = {"set": os.path.basename(set_path), "set_path": set_path, "verified": True, "manifest": manifest,
               "restored": [t for m, t in plan if m["type"] != "dir"], "skipped_paths": skipped, "safety_copies": [],
               "row_counts": {}, "changed": bool(plan)}
@@ -993,7 +1233,7 @@ def _apply_restore(set_path: str, plan: list, opts: dict) -> list[str]:
             temp = os.path.join(temp_dirs[parent], "m%d" % index)
             extract_to[member["member"]] = temp
             staged.append((member, target, temp))
-        scan_set(set_path, extract_to)
+        scan_set(set_path, extract_to, identity=opts["identity_file"])
         for member, target, temp in staged:
             if member["type"] == "database":
                 _check_extracted(temp, target, opts)
@@ -1014,6 +1254,87 @@ def _apply_restore(set_path: str, plan: list, opts: dict) -> list[str]:
     finally:
         for directory in temp_dirs.values():
             remove_temp_dir(directory)
+
+
+_SQLITE_LOCK_START = 0x40000000  # SQLite's lock bytes: pending, reserved, then 510 shared bytes
+_SQLITE_LOCK_LEN = 512
+
+
+def processes_holding(path: str) -> list[str]:
+    """``pid (comm)`` of every other process with ``path`` or its -wal/-shm/-journal open.
+
+    Linux only (reads /proc/*/fd); elsewhere, or for processes of other users when not root,
+    it sees nothing. Our own process is left out.
+    """
+    wanted = set()
+    for candidate in [path] + sidecar_paths(path):
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            continue
+        wanted.add((st.st_dev, st.st_ino))
+    if not wanted or not os.path.isdir("/proc/self/fd"):
+        return []
+    holders = []
+    me = os.getpid()
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        if pid == me:
+            continue
+        fd_dir = "/proc/%d/fd" % pid
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in wanted:
+                try:
+                    with open("/proc/%d/comm" % pid, encoding="utf-8", errors="replace") as handle:
+                        comm = handle.read().strip()
+                except OSError:
+                    comm = "?"
+                holders.append("%d (%s)" % (pid, comm))
+                break
+    return holders
+
+
+def _sqlite_locked(path: str) -> bool:
+    """True when another process holds an SQLite lock on ``path`` (lock bytes of the database,
+    or any lock on its -shm: an open WAL connection keeps one). Probes with a non-blocking POSIX
+    write lock and changes nothing; our own process's locks never conflict with it."""
+    probes = [(path, _SQLITE_LOCK_START, _SQLITE_LOCK_LEN), (path + "-shm", 0, 0)]
+    for candidate, start, length in probes:
+        try:
+            fd = os.open(candidate, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start)
+            fcntl.lockf(fd, fcntl.LOCK_UN, length, start)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return True
+        finally:
+            os.close(fd)
+    return False
+
+
+def refuse_if_in_use(target: str) -> None:
+    """Refuse to replace a live database that a running application still has open."""
+    holders = processes_holding(target)
+    if holders:
+        raise RunbookError("%s: the database is open in running process(es) %s; stop the application before "
+                           "restoring (or set force_running=true)" % (target, ", ".join(holders[:5])))
+    if _sqlite_locked(target):
+        raise RunbookError("%s: another process holds an SQLite lock on the database (the application is "
+                           "running?); stop it before restoring (or set force_running=true)" % target)
 
 
 def _check_extracted(temp: str, target: str, opts: dict) -> None:
@@ -1101,7 +1422,7 @@ def _drill(set_path: str, manifest: dict, opts: dict, check_mode: bool) -> dict:
     work = make_temp_dir(drill_dir)
     try:
         extract_to = {m["member"]: os.path.join(work, "m%d" % i) for i, m in enumerate(members)}
-        scan_set(set_path, extract_to)
+        scan_set(set_path, extract_to, identity=opts["identity_file"])
         for member in members:
             temp = extract_to[member["member"]]
             name = member["member"][len("databases/"):]

@@ -32,7 +32,7 @@ import string
 from ansible_collections.runbook.sqlite_app.plugins.module_utils import _dotenv
 from ansible_collections.runbook.sqlite_app.plugins.module_utils._errors import RunbookError
 from ansible_collections.runbook.sqlite_app.plugins.module_utils._fileio import (
-    attrs_differ, apply_attrs, copy_file, describe_oserror, resolve_ids, write_file,
+    attrs_differ, apply_attrs, copy_file, describe_oserror, remove_stale_temps, resolve_ids, write_file,
 )
 
 FORMATS = ("hex", "base64", "urlsafe", "alphanumeric")
@@ -447,6 +447,7 @@ def rotate(path: str, secrets: list, *, force: bool = False, create: bool = True
         return result
 
     # ---- apply ----------------------------------------------------------------------------
+    remove_stale_temps(directory)  # what a killed run (kill -9, power loss) left behind
     if content_changed:
         if backup and st is not None:
             result["backup_file"] = _backup_name(target, now)

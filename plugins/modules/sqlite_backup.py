@@ -113,6 +113,19 @@ options:
       - node_exporter textfile collector file (C(*.prom)) to write after a successful run
         (last success time, duration, size, verified).
     type: path
+  encrypt_recipients:
+    description:
+      - Encrypt the set at rest to these age recipients (public keys C(age1...), or C(ssh-ed25519)/C(ssh-rsa)
+        public keys), using the C(age) binary, which must be installed on the host.
+      - The archive is written and verified in a private temp directory under O(dest), then encrypted with
+        C(age -r ...) into C(<set>.age), for example C(backup-20261123T030000Z.tar.zst.age). The manifest is
+        inside the encrypted stream (with C(encrypted=true)); the C(.age) suffix marks the set as encrypted
+        in plain sight, and C(<set>.sha256) holds the sha256 of the encrypted file.
+      - Restoring needs a matching identity, see O(runbook.sqlite_app.sqlite_restore#module:identity_file).
+      - Give public keys only. While the set is written, O(dest) temporarily holds the plain archive too
+        (mode 0600 in a 0700 directory), so it needs room for two copies.
+    type: list
+    elements: str
 notes:
   - Retention rules are a union; when no C(keep_*) option is set every set is kept.
   - In WAL mode writers carry on during the snapshot. In rollback-journal mode the snapshot holds a
@@ -212,6 +225,10 @@ manifest:
   description: The manifest stored as the first member of the set (null in check mode).
   returned: when O(state=present)
   type: dict
+encrypted:
+  description: True when the set was (or would be) encrypted to O(encrypt_recipients).
+  returned: when O(state=present)
+  type: bool
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -243,6 +260,7 @@ def main():
             keep_monthly=dict(type="int"),
             lock_timeout=dict(type="int", default=600),
             metrics_file=dict(type="path"),
+            encrypt_recipients=dict(type="list", elements="str"),
         ),
         required_if=[("state", "present", ["databases"])],
         supports_check_mode=True,

@@ -20,6 +20,9 @@ description:
   - O(mode=drill) restores into a scratch directory, checks each database, reports row counts per table
     and removes the scratch copy again; nothing live is touched.
   - Stop the application before a real restore; a running process keeps writing to the replaced file.
+    Before replacing a database the module refuses when another process has the database (or its
+    C(-wal)/C(-shm)) open, found through C(/proc/*/fd) (Linux), or holds an SQLite lock on it,
+    unless O(force_running=true).
 author:
   - runbook.sqlite_app maintainers (@runbook)
 options:
@@ -97,6 +100,20 @@ options:
         C(src/.runbook-backup.lock) (when that file exists) so no set is pruned while it is read.
     type: int
     default: 600
+  identity_file:
+    description:
+      - Path of an age identity file (C(age-keygen) output, or an SSH private key) used to decrypt a set
+        written with O(runbook.sqlite_app.sqlite_backup#module:encrypt_recipients) (C(age -d -i FILE)).
+      - Required for encrypted sets (names ending in C(.age)); a wrong identity is a clear error and nothing is touched.
+      - The C(age) binary must be installed on the host.
+    type: path
+  force_running:
+    description:
+      - Replace a database even though another process has it open or holds an SQLite lock on it.
+      - Detection reads C(/proc/*/fd) (Linux; as a non-root user only your own processes are seen) and probes
+        SQLite's POSIX lock bytes on the database and its C(-shm) file without changing them.
+    type: bool
+    default: false
 notes:
   - A second run restores nothing when the files already match the set, so it reports no change.
   - Extra directories are restored file by file; files present now but absent from the set are left alone.
@@ -217,6 +234,8 @@ def main():
             group=dict(type="str"),
             busy_timeout=dict(type="int", default=5000),
             lock_timeout=dict(type="int", default=600),
+            identity_file=dict(type="path"),
+            force_running=dict(type="bool", default=False),
         ),
         required_if=[("mode", "drill", ["drill_dir"])],
         supports_check_mode=True,

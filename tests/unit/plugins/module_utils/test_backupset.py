@@ -810,3 +810,113 @@ def test_damaged_database_in_set_is_not_restored(app, tmp_path):
         bs.restore({"src": str(src), "force": True})
     assert (root / "app.db").read_bytes() == before
     assert not [n for n in listing(root) if n.startswith(".runbook-tmp-") or ".pre-restore-" in n]
+
+
+# ---------------------------------------------------------------------------------------------
+# encryption at rest (age), running-app detection, orphan checksum files
+
+
+needs_age = pytest.mark.skipif(shutil.which("age") is None or shutil.which("age-keygen") is None,
+                               reason="age not installed")
+
+
+def age_keypair(directory, name="id.txt"):
+    identity = str(directory / name)
+    proc = subprocess.run(["age-keygen", "-o", identity], capture_output=True, text=True, check=True)
+    return identity, proc.stderr.split()[-1]
+
+
+@needs_age
+@pytest.mark.parametrize("compression", ["gzip", "none"] + (["zstd"] if HAVE_ZSTD else []))
+def test_encrypted_set_roundtrip(app, tmp_path, compression):
+    root, dest = app
+    identity, recipient = age_keypair(tmp_path)
+    result = bs.backup(params(root, dest, compression=compression, encrypt_recipients=[recipient]))
+    assert result["encrypted"] is True and result["manifest"]["encrypted"] is True
+    assert result["name"].endswith(bs.EXTENSIONS[compression] + ".age")
+    data = open(result["path"], "rb").read()
+    assert data.startswith(b"age-encryption.org/v1") and b"API_KEY=secret" not in data
+    assert bs.list_sets(str(dest))[0]["encrypted"] is True
+    assert [n for n in listing(dest) if n.startswith(".runbook-tmp-")] == []
+    manifest = bs.verify_set(result["path"], identity=identity)
+    assert manifest["encrypted"] is True
+    (root / ".env").write_text("API_KEY=changed\n")
+    restored = bs.restore({"src": str(dest), "force": True, "identity_file": identity})
+    assert (root / ".env").read_text() == "API_KEY=secret\n"
+    assert str(root / ".env") in restored["restored"]
+
+
+@needs_age
+def test_encrypted_set_needs_the_right_identity(app, tmp_path):
+    root, dest = app
+    _identity, recipient = age_keypair(tmp_path)
+    stranger, _ = age_keypair(tmp_path, "other.txt")
+    result = bs.backup(params(root, dest, encrypt_recipients=[recipient]))
+    with pytest.raises(RunbookError, match="encrypted with age; give identity_file"):
+        bs.restore({"src": str(dest), "force": True})
+    with pytest.raises(RunbookError, match="no identity matched.*wrong identity_file"):
+        bs.restore({"src": str(dest), "force": True, "identity_file": stranger})
+    with pytest.raises(RunbookError, match="identity_file .*cannot read"):
+        bs.restore({"src": str(dest), "force": True, "identity_file": str(tmp_path / "missing.txt")})
+    assert (root / ".env").read_text() == "API_KEY=secret\n"
+    assert os.path.exists(result["path"])
+
+
+@needs_age
+def test_encrypt_recipients_validated(app, tmp_path):
+    root, dest = app
+    identity, _recipient = age_keypair(tmp_path)
+    secret_line = [line for line in open(identity).read().splitlines() if line.startswith("AGE-SECRET-KEY-")][0]
+    with pytest.raises(RunbookError, match="encrypt_recipients") as err:
+        bs.backup(params(root, dest, encrypt_recipients=[secret_line]))
+    assert secret_line not in str(err.value)
+    assert set_files(dest) == []
+
+
+def test_encrypt_without_age_binary(app, tmp_path, monkeypatch):
+    root, dest = app
+    monkeypatch.setattr(bs.shutil, "which", lambda name: None)
+    with pytest.raises(RunbookError, match="age binary is not installed"):
+        bs.backup(params(root, dest, encrypt_recipients=["age1" + "q" * 58]))
+
+
+def test_set_names_with_age_suffix():
+    assert bs.parse_set_name("backup-20261123T030000Z-pre.tar.zst.age")[0] == "backup"
+    assert bs.parse_set_name("backup-20261123T030000Z.tar.age")[2] == ""
+    assert bs.parse_set_name("backup-20261123T030000Z.age") is None
+
+
+_HOLDER = ("import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1]); "
+           "c.execute('SELECT count(*) FROM items').fetchone(); print('open', flush=True); time.sleep(60)")
+
+
+def test_restore_refuses_while_another_process_holds_the_db(app):
+    root, dest = app
+    bs.backup(params(root, dest))
+    db = str(root / "app.db")
+    make_db(db, rows=5)  # differs from the set now
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, db], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        assert any(str(holder.pid) in item for item in bs.processes_holding(db))
+        assert bs._sqlite_locked(db)  # WAL: the -shm lock of an open connection
+        before = open(db, "rb").read()
+        with pytest.raises(RunbookError, match="running process.*force_running=true"):
+            bs.restore({"src": str(dest), "force": True})
+        assert open(db, "rb").read() == before
+        result = bs.restore({"src": str(dest), "force": True, "force_running": True})
+        assert db in result["restored"]
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_orphan_checksum_file_is_removed_by_the_next_backup(app):
+    root, dest = app
+    orphan = dest / "backup-20200101T000000Z.tar.gz.sha256"
+    orphan.write_text("0" * 64 + "  backup-20200101T000000Z.tar.gz\n")
+    unrelated = dest / "notes.sha256"
+    unrelated.write_text("x")
+    bs.backup(params(root, dest))
+    assert not orphan.exists() and unrelated.exists()

@@ -1,0 +1,145 @@
+# Copyright (c) runbook.sqlite_app contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Secrets never leak: secret_rotate, cert_install and sqlite_backup (.env as an extra path) through
+ansible-playbook -vvv --diff, check and real mode; every generated secret, .env value and private
+key line is searched for in all output, the registered results and the backup manifests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import helpers
+import pytest
+
+sys.path.insert(0, helpers.BUILD)
+
+from ansible_collections.runbook.sqlite_app.plugins.module_utils import _backupset as bs  # noqa: E402
+from ansible_collections.runbook.sqlite_app.plugins.module_utils import _dotenv  # noqa: E402
+
+PLAYBOOK = textwrap.dedent("""\
+    - hosts: localhost
+      gather_facts: false
+      vars:
+        root: "{{ app_root }}"
+      tasks:
+        - name: Rotate
+          runbook.sqlite_app.secret_rotate:
+            path: "{{ root }}/.env"
+            secrets:
+              - {name: SECRET_KEY}
+              - {name: API_TOKEN, value: "{{ supplied_token }}"}
+              - {name: DB_PASSWORD, force: true, keep_previous: true}
+            backup: true
+          register: r_secret
+        - name: Self-signed certificate
+          runbook.sqlite_app.cert_install:
+            source: self_signed
+            common_name: "app{{ run_id }}.example"
+            dest_dir: "{{ root }}/certs"
+            backup: true
+          register: r_cert
+        - name: Certificate from content
+          runbook.sqlite_app.cert_install:
+            source: content
+            cert_content: "{{ lookup('file', root ~ '/src/cert.pem') }}"
+            key_content: "{{ lookup('file', root ~ '/src/key.pem') }}"
+            dest_dir: "{{ root }}/certs2"
+          register: r_cert2
+        - name: Backup with the .env and the keys
+          runbook.sqlite_app.sqlite_backup:
+            databases: ["{{ root }}/app.db"]
+            extra_paths: ["{{ root }}/.env", "{{ root }}/certs"]
+            root: "{{ root }}"
+            dest: "{{ root }}/backups"
+          register: r_backup
+        - name: Dump every registered result
+          ansible.builtin.copy:
+            content: "{{ {'secret': r_secret, 'cert': r_cert, 'cert2': r_cert2, 'backup': r_backup} | to_nice_json }}"
+            dest: "{{ root }}/dump-{{ run_id }}.json"
+            mode: "0600"
+          check_mode: false
+    """)
+
+
+def _make_source_pair(directory):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    import datetime
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "content.example")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(7).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=90))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("content.example")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    os.makedirs(directory)
+    with open(os.path.join(directory, "cert.pem"), "wb") as handle:
+        handle.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(os.path.join(directory, "key.pem"), "wb") as handle:
+        handle.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+
+
+def _secrets_in(root):
+    """Every secret value now on disk: .env values (and backups of it), private key lines."""
+    found = set()
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if name.startswith(".env"):
+                env = _dotenv.parse(open(path, "rb").read(), path)
+                found.update(e.value for e in env.entries if e.kind == _dotenv.ASSIGN)
+            elif name.endswith((".key", "key.pem")) or ".key." in name:
+                found.update(line for line in open(path, encoding="ascii").read().splitlines()
+                             if line and not line.startswith("-----"))
+    return {value for value in found if len(value) >= 8}
+
+
+def test_no_secret_in_output_results_or_manifests(tmp_path):
+    pytest.importorskip("cryptography")
+    playbook_cmd = shutil.which("ansible-playbook", path=os.path.dirname(helpers.PYTHON))
+    if not playbook_cmd:
+        pytest.skip("ansible-playbook not found next to %s" % helpers.PYTHON)
+    root = tmp_path / "app"
+    root.mkdir()
+    for sub in ("backups", "certs", "certs2"):
+        (root / sub).mkdir()
+    helpers.make_db(root / "app.db", mib=0.05)
+    (root / ".env").write_text("# app\nEXISTING_PASSWORD=pre-existing-password-value\nDB_PASSWORD=old-db-password-1\n")
+    _make_source_pair(str(root / "src"))
+    (tmp_path / "play.yml").write_text(PLAYBOOK)
+    supplied = "supplied-token-6f1d0c2a9e"
+    environ = helpers.env()
+    environ.update(ANSIBLE_COLLECTIONS_PATH=helpers.BUILD, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
+                   ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
+                   ANSIBLE_HOME=str(tmp_path / "ansible-home"))
+    outputs = []
+    seen_secrets = _secrets_in(root) | {supplied}
+    for run_id, extra in enumerate((["--check"], [])):
+        cmd = [playbook_cmd, "-i", "localhost,", "-c", "local", "-vvv", "--diff", *extra,
+               "-e", "ansible_python_interpreter=%s" % helpers.PYTHON, "-e", "app_root=%s" % root,
+               "-e", "supplied_token=%s" % supplied, "-e", "run_id=%d" % run_id, str(tmp_path / "play.yml")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=environ, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        outputs.append(proc.stdout + proc.stderr)
+        seen_secrets |= _secrets_in(root)
+    haystacks = {"playbook output %d" % i: text for i, text in enumerate(outputs)}
+    for dump in root.glob("dump-*.json"):
+        haystacks[dump.name] = dump.read_text()
+    for item in bs.list_sets(str(root / "backups")):
+        manifest = bs.verify_set(str(root / "backups" / item["name"]))
+        haystacks["manifest of " + item["name"]] = repr(manifest)
+    # the -e command line carries the supplied value on purpose; it is not output of ours
+    leaks = [(where, secret[:6] + "...") for where, text in haystacks.items() for secret in seen_secrets
+             if secret in text.replace("supplied_token=" + supplied, "")]
+    assert len(seen_secrets) >= 8 and len(haystacks) >= 4
+    assert not leaks, leaks
+    helpers.record("leaks", playbook_runs=len(outputs), secrets_tracked=len(seen_secrets),
+                   places_searched=len(haystacks), leaks=len(leaks))
