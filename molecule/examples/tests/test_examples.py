@@ -1,0 +1,75 @@
+"""Each seed example deployed on its own container: healthy, laid out as its guide says, and its
+backup and restore drill pass through the example's own inventory."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import testinfra
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+APPS = {
+    # app: (database paths, scheme)
+    "atweet": (["/srv/atweet/.data/twits.sqlite", "/srv/atweet/.data/oauth-store.sqlite"], "http"),
+    "vodtender": (["/srv/vodtender/.data/vodtender.db"], "http"),
+    "signal-harvester": (["/srv/signal-harvester/.data/var/app.db"], "http"),
+    "rocket": (["/srv/rocket/.data/rocket.db"], "http"),
+    "gateway": (["/srv/gateway/.data/db.sqlite"], "https"),
+}
+
+
+def _host(app):
+    return testinfra.get_host("ansible://%s-1?ansible_inventory=%s" % (app, INVENTORY))
+
+
+def _playbook(app, name, *extra):
+    group = app.replace("-", "_")
+    cmd = ["ansible-playbook", "-i", INVENTORY, "-i", os.path.join(ROOT, "examples", app, "inventory.yml"),
+           "runbook.sqlite_app." + name, "-e", "sqlite_app_hosts=" + group, *extra]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    return run.returncode, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("app", sorted(APPS))
+def test_deployed_and_healthy(app):
+    host = _host(app)
+    dbs, scheme = APPS[app]
+    assert host.service("%s.service" % app).is_running
+    health = json.loads(host.check_output("curl -skf %s://127.0.0.1:8080/healthz" % scheme))
+    assert health["status"] == "ok"
+    for db in dbs:
+        assert host.file(db).exists, db
+        assert host.check_output("sqlite3 %s 'PRAGMA journal_mode;'" % db).strip() == "wal", db
+    env = host.file("/srv/%s/.data/.env" % app)
+    assert (env.user, env.mode) == (app, 0o600)
+    assert host.file("/etc/systemd/system/runbook-backup-%s.timer" % app).exists
+
+
+@pytest.mark.parametrize("app", sorted(APPS))
+def test_backup_and_drill(app):
+    host = _host(app)
+    dbs, scheme = APPS[app]
+    host.check_output("curl -skf -X POST -H 'Content-Type: application/json' -d '{\"body\": \"%s\"}' "
+                      "%s://127.0.0.1:8080/items" % (app, scheme))
+    rc, out = _playbook(app, "backup")
+    assert rc == 0, out[-3000:]
+    sets = host.check_output("ls /var/backups/%s | grep -v sha256" % app).split()
+    assert sets, "no backup set"
+    rc, out = _playbook(app, "disaster_recovery", "-e", "sqlite_app_dr_mode=drill")
+    assert rc == 0, out[-3000:]
+    assert "verified=True" in out, out[-3000:]
+    assert '"items": 1' in out, out[-3000:]
+
+
+def test_gateway_serves_its_installed_certificate():
+    host = _host("gateway")
+    served = host.check_output("echo | openssl s_client -connect 127.0.0.1:8080 2>/dev/null | openssl x509 -noout -fingerprint -sha256")
+    installed = host.check_output("openssl x509 -noout -fingerprint -sha256 -in /srv/gateway/.data/certs/server.crt")
+    assert served == installed
+
+
+def test_rocket_copies_sets_off_site():
+    host = _host("rocket")
+    assert host.check_output("ls /mnt/offsite/rocket | grep -v sha256 | wc -l").strip() != "0"
