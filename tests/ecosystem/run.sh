@@ -1,0 +1,496 @@
+#!/usr/bin/env bash
+# The `ecosystem` stage of `make test`: the collection as its users get it.
+#   docs      ansible-doc lists and renders every module and role; docs/ and README cover each piece
+#   release   changelog lint, galaxy build (nothing that must not ship), install into an empty path,
+#             a playbook run by FQCN from the installed copy
+#   awx       ansible-runner runs the AWX project's wrapper playbooks (examples/awx) the way AWX does,
+#             and its artifacts are read: status, rc, playbook_on_stats
+#   metrics   the metrics files those runs wrote parse as Prometheus text, and the alert rules
+#             (examples/prometheus/alerts.yml) use only metric names the engines emit
+#   ee        ansible-builder create accepts meta/execution-environment.yml
+#   awx-code  examples/awx/configure_awx.yml and the wrappers pass syntax-check (ansible-lint: lint stage)
+#   summary   which runbook playbooks end with a summary for people (report only)
+# Runs from the repo root with the venv on PATH (tools/test.sh). Prints one line per check with its
+# time and ends with "ecosystem: N passed, N failed"; exits non-zero when any check failed.
+# Pass check names to run some (bash tests/ecosystem/run.sh release awx metrics). RUNBOOK_ECOSYSTEM_KEEP=1 keeps the temp directory. The compatibility matrix is separate:
+# tests/ecosystem/compat.sh.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+export PATH="$root/.venv/bin:$PATH"
+export NO_COLOR=1 PY_COLORS=0 ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1
+python=$(command -v python)
+# tools/test.sh sets this and makes build/ (tools/collection-tree.sh); standalone runs do the same.
+export ANSIBLE_COLLECTIONS_PATH="${ANSIBLE_COLLECTIONS_PATH:-$root/build}"
+[ -d "$root/build/ansible_collections/runbook/sqlite_app" ] || bash tools/collection-tree.sh >/dev/null || exit 1
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/runbook-ecosystem.XXXXXX")
+[ "${RUNBOOK_ECOSYSTEM_KEEP:-0}" = 1 ] || trap 'rm -rf "$tmp"' EXIT
+log="$tmp/logs"
+mkdir -p "$log"
+version=$(sed -n 's/^version: //p' galaxy.yml)
+modules=(cert_install secret_rotate sqlite_backup sqlite_restore sqlite_vacuum)
+playbooks=(deploy backup maintenance rotate_secrets renew_certs upgrade disaster_recovery)
+mapfile -t roles < <(for f in roles/*/meta/argument_specs.yml; do f=${f#roles/}; echo "${f%%/*}"; done)
+installed="$tmp/installed"   # the collection installed from its tarball (release check)
+
+passed=0
+failed=0
+failed_names=()
+fail() { echo "  FAIL: $*"; return 1; }
+ok() { echo "  ok: $*"; }
+# run_quiet NAME CMD...: run CMD with its output in $log/NAME.log; on failure show the log's tail.
+run_quiet() {
+    local name="$1"; shift
+    if "$@" >"$log/$name.log" 2>&1; then
+        return 0
+    fi
+    echo "  --- last lines of $name.log ($*) ---"
+    tail -n 40 "$log/$name.log" | sed 's/^/  | /'
+    return 1
+}
+check() {
+    local name="$1" start rc
+    start=$(date +%s)
+    echo "--- $name ---"
+    "check_${name//-/_}"
+    rc=$?
+    if [ $rc = 0 ]; then
+        passed=$((passed + 1)); echo "--- $name: ok ($(( $(date +%s) - start )) s)"
+    else
+        failed=$((failed + 1)); failed_names+=("$name"); echo "--- $name: FAILED ($(( $(date +%s) - start )) s)"
+    fi
+}
+
+# 1. ansible-doc and the written docs -------------------------------------------------------------
+check_docs() {
+    local rc=0 m r p listed
+    listed=$(ansible-doc -l runbook.sqlite_app 2>"$log/doc-list.err") || { cat "$log/doc-list.err"; return 1; }
+    for m in "${modules[@]}"; do
+        grep -q "^runbook.sqlite_app.$m " <<<"$listed" || { fail "ansible-doc -l does not list $m"; rc=1; }
+    done
+    # One ansible-doc call renders every module (each call costs seconds of start-up); then each
+    # module's page must be there with its examples and return values.
+    if ! ansible-doc "${modules[@]/#/runbook.sqlite_app.}" >"$log/doc-modules.txt" 2>&1; then
+        fail "ansible-doc ${modules[*]}"; tail -20 "$log/doc-modules.txt"; rc=1
+    fi
+    "$python" - "$log/doc-modules.txt" "${modules[@]}" <<'PY' || rc=1
+import re, sys
+text = open(sys.argv[1]).read()
+pages = re.split(r"(?m)^> MODULE ", text)[1:]
+rc = 0
+for name in sys.argv[2:]:
+    page = next((p for p in pages if p.startswith("runbook.sqlite_app.%s " % name)), None)
+    if page is None or "EXAMPLES:" not in page or "RETURN VALUES:" not in page:
+        print("  FAIL: ansible-doc runbook.sqlite_app.%s: no page with EXAMPLES and RETURN VALUES" % name)
+        rc = 1
+    else:
+        print("  ok: ansible-doc runbook.sqlite_app.%s (%d lines, EXAMPLES and RETURN VALUES)" % (name, page.count("\n")))
+sys.exit(rc)
+PY
+    listed=$(ansible-doc -t role -l runbook.sqlite_app 2>&1) || { echo "$listed"; return 1; }
+    for r in "${roles[@]}"; do
+        grep -q "^runbook.sqlite_app.$r:" <<<"$listed" || { fail "ansible-doc -t role -l does not list $r"; rc=1; }
+    done
+    if ! ansible-doc -t role "${roles[@]/#/runbook.sqlite_app.}" >"$log/doc-roles.txt" 2>&1; then
+        fail "ansible-doc -t role ${roles[*]}"; tail -20 "$log/doc-roles.txt"; rc=1
+    fi
+    "$python" - "$log/doc-roles.txt" "${roles[@]}" <<'PY' || rc=1
+import re, sys
+text = open(sys.argv[1]).read()
+pages = re.split(r"(?m)^> ROLE: ", text)[1:]
+rc = 0
+for name in sys.argv[2:]:
+    page = next((p for p in pages if p.startswith("*runbook.sqlite_app.%s*" % name) or p.startswith("runbook.sqlite_app.%s" % name)), None)
+    if page is None or "Options (= indicates it is required)" not in page:
+        print("  FAIL: ansible-doc -t role runbook.sqlite_app.%s: no page with options" % name)
+        rc = 1
+    else:
+        print("  ok: ansible-doc -t role runbook.sqlite_app.%s (%d entry point(s))" % (name, page.count("ENTRY POINT:")))
+sys.exit(rc)
+PY
+    # Written docs: one page per playbook, the observability and AWX pages, the index.
+    for p in "${playbooks[@]}"; do
+        [ -s "docs/playbooks/$p.md" ] || { fail "docs/playbooks/$p.md missing"; rc=1; }
+        grep -q "runbook.sqlite_app.$p" README.md || { fail "README.md does not mention runbook.sqlite_app.$p"; rc=1; }
+    done
+    for p in docs/README.md docs/observability.md docs/awx.md; do
+        [ -s "$p" ] || { fail "$p missing"; rc=1; }
+    done
+    for m in "${modules[@]}" "${roles[@]}"; do
+        grep -q "runbook.sqlite_app.$m" README.md || { fail "README.md does not mention runbook.sqlite_app.$m"; rc=1; }
+    done
+    # README.md starts with the title and the two commands, unchanged.
+    "$python" - <<'PY' || rc=1
+import sys
+head = open("README.md", encoding="utf-8").read().split("\n")[:6]
+want = ["# runbook.sqlite_app", "", "```",
+        "make demo    # the collection's playbooks on a sample SQLite app in ./demo (localhost, no root, no containers)",
+        "make test    # everything CI runs: lint, sanity, units, integration, molecule (systemd containers)", "```"]
+if head != want:
+    sys.exit("  FAIL: README.md must start with the title and the make demo / make test block; got %r" % head)
+print("  ok: README.md starts with the title and the make demo / make test block")
+PY
+    # Every relative link in docs/ and README.md points at a file that exists.
+    "$python" - <<'PY' || rc=1
+import glob, os, re, sys
+bad = []
+for md in ["README.md"] + glob.glob("docs/**/*.md", recursive=True):
+    text = open(md, encoding="utf-8").read()
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        if not os.path.exists(os.path.normpath(os.path.join(os.path.dirname(md), target))):
+            bad.append("%s -> %s" % (md, target))
+if bad:
+    sys.exit("  FAIL: broken links:\n    " + "\n    ".join(bad))
+print("  ok: relative links in README.md and docs/ resolve")
+PY
+    return $rc
+}
+
+# 2. Release hygiene ------------------------------------------------------------------------------
+check_release() {
+    local rc=0 tarball="$tmp/dist/runbook-sqlite_app-$version.tar.gz" bad app="$tmp/release-app"
+    if run_quiet changelog-lint antsibull-changelog lint; then ok "antsibull-changelog lint"
+    else fail "antsibull-changelog lint"; rc=1; fi
+    mkdir -p "$tmp/dist"
+    run_quiet galaxy-build ansible-galaxy collection build --output-path "$tmp/dist" . || { fail "ansible-galaxy collection build"; return 1; }
+    [ -f "$tarball" ] || { fail "no $tarball"; return 1; }
+    ok "built $(basename "$tarball") ($(du -k "$tarball" | cut -f1) KiB, $(tar tzf "$tarball" | wc -l) entries)"
+    tar tzf "$tarball" >"$log/tarball.txt" || { fail "tar tzf $tarball"; return 1; }
+    bad=$(cat "$log/tarball.txt" | grep -E '^(\./)?(\.venv|build|build-[^/]*|demo|\.git|\.cache|\.ruff_cache|\.pytest_cache|tests/output|bench/results)(/|$)|__pycache__|\.pyc$|\.tar\.gz$' | head -5)
+    if [ -n "$bad" ]; then fail "the tarball ships files it must not: $bad"; rc=1
+    else ok "tarball holds no .venv, build*, demo, .git, caches, tests/output, bench/results, __pycache__"; fi
+    for f in MANIFEST.json FILES.json meta/runtime.yml meta/execution-environment.yml meta/ee-requirements.txt \
+        meta/ee-bindep.txt plugins/modules/sqlite_backup.py roles/backup/meta/argument_specs.yml playbooks/deploy.yml \
+        playbooks/vars/app.yml changelogs/config.yaml; do
+        grep -qx "$f" "$log/tarball.txt" || { fail "the tarball lacks $f"; rc=1; }
+    done
+    rm -rf "$installed"; mkdir -p "$installed"
+    # Only the empty path is configured: otherwise galaxy finds the build/ copy and installs nothing.
+    ANSIBLE_COLLECTIONS_PATH="$installed" run_quiet galaxy-install ansible-galaxy collection install -p "$installed" "$tarball" || { fail "ansible-galaxy collection install"; return 1; }
+    [ -f "$installed/ansible_collections/runbook/sqlite_app/MANIFEST.json" ] || { fail "install left no MANIFEST.json"; return 1; }
+    ok "installed into an empty collections path ($installed)"
+    # A playbook by FQCN from the installed copy only. sqlite_app_schedule=false: no timers or cron
+    # entries on the machine running the tests; databases: none, so the deploy stays within data_dir,
+    # secrets and the summary (the awx check runs the database roles). --skip-tags backup_offhost:
+    # see check_awx.
+    if ANSIBLE_COLLECTIONS_PATH="$installed" ansible-playbook -i examples/demo/inventory.yml runbook.sqlite_app.deploy \
+        -e "sqlite_app_root=$app" -e "sqlite_app_user=$(id -un)" -e "sqlite_app_group=$(id -gn)" \
+        -e sqlite_app_schedule=false -e '{"sqlite_app_databases": [], "sqlite_app_secrets": [{"name": "HMAC_SECRET"}]}' \
+        --skip-tags backup_offhost \
+        >"$log/release-deploy.log" 2>&1; then
+        grep -qx "# $installed/ansible_collections" <(ANSIBLE_COLLECTIONS_PATH="$installed" \
+            ansible-galaxy collection list runbook.sqlite_app 2>/dev/null) || { fail "collection list does not show the installed copy"; rc=1; }
+        [ "$(stat -c %a "$app/.data/.env")" = 600 ] && grep -q '^HMAC_SECRET=' "$app/.data/.env" \
+            || { fail "deploy left no 0600 .env with HMAC_SECRET"; rc=1; }
+        ok "ansible-playbook runbook.sqlite_app.deploy from the installed copy: $(grep -E '^localhost +:' "$log/release-deploy.log" | tr -s ' ')"
+    else
+        fail "ansible-playbook runbook.sqlite_app.deploy from the installed copy"; tail -30 "$log/release-deploy.log"; rc=1
+    fi
+    return $rc
+}
+
+# 3. AWX the way AWX runs it: ansible-runner, a private data dir, the examples/awx wrappers ---------
+runner_dir="$tmp/runner"
+check_awx() {
+    local rc=0 pb ident app="$tmp/awx-app" colls="$installed"
+    [ -f "$colls/ansible_collections/runbook/sqlite_app/MANIFEST.json" ] || colls="$root/build"
+    # The backup playbook writes into an existing destination: the backup role's config tasks
+    # create it during deploy, but only with sqlite_app_schedule true (not here: no timers on the
+    # test machine), so it is made here as deploy would.
+    # Same for the drill's scratch directory: dr_drill.yml does not create it (reported).
+    mkdir -p "$runner_dir"/{env,inventory,project} "$tmp/textfile" "$tmp/backups" "$tmp/drill"
+    cp examples/awx/*.yml "$runner_dir/project/"
+    # The sample app's database, with rows, before the first deploy (deploy puts it in WAL mode).
+    mkdir -p "$app/.data"
+    SAMPLE_APP_DATA_DIR="$app/.data" "$python" examples/sample_app/sample_app.py migrate >"$log/sample-migrate.log" 2>&1 \
+        || { fail "sample_app.py migrate"; cat "$log/sample-migrate.log"; return 1; }
+    "$python" - "$app/.data/app.db" <<'PY' || return 1
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+db.execute("CREATE TABLE IF NOT EXISTS ecosystem_rows (id INTEGER PRIMARY KEY, note TEXT)")
+db.executemany("INSERT INTO ecosystem_rows (note) VALUES (?)", [("row %d" % i,) for i in range(200)])
+db.commit()
+db.execute("PRAGMA journal_mode=DELETE")
+PY
+    cat >"$runner_dir/inventory/hosts" <<EOF
+[apps]
+localhost ansible_connection=local ansible_python_interpreter=$python
+EOF
+    "$python" - "$runner_dir/env/extravars" <<EOF || return 1
+import json, sys
+json.dump({
+    "sqlite_app_name": "eco-app",
+    "sqlite_app_root": "$app",
+    "sqlite_app_user": "$(id -un)",
+    "sqlite_app_group": "$(id -gn)",
+    "sqlite_app_manage_user": False,
+    "sqlite_app_data_subdirs": ["certs", "backups", "artifacts"],
+    "sqlite_app_databases": ["app.db"],
+    "sqlite_app_secrets": [{"name": "HMAC_SECRET", "max_age_days": 90}],
+    "sqlite_app_service": False,
+    "sqlite_app_schedule": False,
+    "sqlite_app_backup_dest": "$tmp/backups",
+    "backup_owner": "$(id -un)",
+    "backup_group": "$(id -gn)",
+    "backup_metrics_file": "$tmp/textfile/runbook_backup_eco-app.prom",
+    "maintenance_metrics_file": "$tmp/textfile/runbook_maintenance_eco-app.prom",
+    "sqlite_app_dr_drill_dir": "$tmp/drill",
+}, open(sys.argv[1], "w"), indent=1)
+EOF
+    cat >"$runner_dir/env/envvars" <<EOF
+---
+ANSIBLE_COLLECTIONS_PATH: "$colls"
+ANSIBLE_NOCOLOR: "1"
+ANSIBLE_DISPLAY_SKIPPED_HOSTS: "false"
+EOF
+    # AWX runs jobs without a terminal; a prompt would hang: fail after 10 minutes instead.
+    printf -- '---\njob_timeout: 600\nidle_timeout: 300\n' >"$runner_dir/env/settings"
+    # Known limitation (reported): the backup role's offhost_host tasks use delegate_to with a
+    # variable that is empty when no off-host host is set; ansible-core templates delegate_to
+    # before `when` (ansible/ansible#84332), so every deploy fails there, even when the backup role
+    # itself is skipped. --skip-tags backup_offhost keeps these checks about packaging and AWX.
+    for pb in deploy backup maintenance drill; do
+        ident="eco-$pb"
+        if [ "$pb" = deploy ]; then
+            run_quiet "runner-$pb" ansible-runner run "$runner_dir" -p "$pb.yml" --ident "$ident" \
+                --cmdline "--skip-tags backup_offhost" || true
+        else
+            run_quiet "runner-$pb" ansible-runner run "$runner_dir" -p "$pb.yml" --ident "$ident" || true
+        fi
+        "$python" - "$runner_dir/artifacts/$ident" "$pb" <<'PY' || rc=1
+import glob, json, os, sys
+art, pb = sys.argv[1], sys.argv[2]
+def read(name):
+    try:
+        return open(os.path.join(art, name)).read().strip()
+    except OSError as exc:
+        return "(missing: %s)" % exc.strerror
+status, rc = read("status"), read("rc")
+stats = None
+for path in sorted(glob.glob(os.path.join(art, "job_events", "*.json"))):
+    event = json.load(open(path))
+    if event.get("event") == "playbook_on_stats":
+        stats = event["event_data"]
+problems = []
+if status != "successful":
+    problems.append("status %s" % status)
+if rc != "0":
+    problems.append("rc %s" % rc)
+if stats is None:
+    problems.append("no playbook_on_stats event")
+else:
+    for key in ("failures", "dark"):
+        if stats.get(key):
+            problems.append("%s %s" % (key, stats[key]))
+    if not stats.get("ok"):
+        problems.append("no ok task")
+if problems:
+    stdout = read("stdout").splitlines()
+    print("  FAIL: ansible-runner %s.yml: %s" % (pb, "; ".join(problems)))
+    print("\n".join("  | " + line for line in stdout[-40:]))
+    sys.exit(1)
+print("  ok: ansible-runner %s.yml: status successful, rc 0, playbook_on_stats ok=%s changed=%s failures=%s "
+      "(%d job events)" % (pb, stats["ok"].get("localhost"), stats.get("changed", {}).get("localhost", 0),
+                           stats.get("failures") or 0, len(glob.glob(os.path.join(art, "job_events", "*.json")))))
+PY
+    done
+    # What the runs left behind, read back.
+    [ "$(sqlite3 "$app/.data/app.db" 'PRAGMA journal_mode;' 2>/dev/null || "$python" -c \
+        "import sqlite3,sys;print(sqlite3.connect(sys.argv[1]).execute('PRAGMA journal_mode').fetchone()[0])" "$app/.data/app.db")" = wal ] \
+        && ok "deploy put app.db back in WAL mode" || { fail "app.db is not in WAL mode after deploy"; rc=1; }
+    ls "$tmp/backups"/eco-app-*.tar* >/dev/null 2>&1 && ok "backup wrote $(ls "$tmp/backups" | grep -vc sha256) set(s) into $tmp/backups" \
+        || { fail "no backup set in $tmp/backups"; rc=1; }
+    grep -q 'ecosystem_rows\\": 200' "$runner_dir/artifacts/eco-drill/stdout" 2>/dev/null \
+        && ok "drill reported 200 rows in ecosystem_rows" || { fail "drill did not report ecosystem_rows: 200"; rc=1; }
+    [ ! -e "$tmp/drill" ] && ok "drill removed its scratch directory" || { fail "drill left $tmp/drill"; rc=1; }
+    return $rc
+}
+
+# 4. Metrics: the textfiles parse, the alert rules use only emitted names -------------------------
+check_metrics() {
+    "$python" - "$tmp/textfile" examples/prometheus/alerts.yml <<'PY'
+import glob, os, re, sys
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+textfile_dir, rules_path = sys.argv[1], sys.argv[2]
+rc = 0
+def fail(msg):
+    global rc
+    rc = 1
+    print("  FAIL: " + msg)
+
+# Names the engines emit: every "runbook_..." string literal in plugins/module_utils.
+emitted = set()
+for path in glob.glob("plugins/module_utils/_*.py"):
+    emitted |= set(re.findall(r'"(runbook_[a-z0-9_]+)"', open(path).read()))
+# Names from exporters other than ours, each with the reason it is allowed.
+external = {"probe_ssl_earliest_cert_expiry": "blackbox_exporter: no TLS metric is emitted by the collection"}
+print("  ok: engines emit %d metric names: %s" % (len(emitted), ", ".join(sorted(emitted))))
+
+# The files the awx check's backup and maintenance runs wrote, parsed as Prometheus does.
+seen = set()
+for path in sorted(glob.glob(os.path.join(textfile_dir, "*.prom"))):
+    try:
+        families = list(text_string_to_metric_families(open(path).read()))
+    except Exception as exc:  # noqa: BLE001 - the parser raises plain ValueError and friends
+        fail("%s does not parse: %s" % (path, exc))
+        continue
+    names = {s.name for f in families for s in f.samples}
+    seen |= names
+    if oct(os.stat(path).st_mode & 0o777) != "0o644":
+        fail("%s is not 0644 (node_exporter must read it)" % path)
+    print("  ok: %s parses: %s" % (os.path.basename(path), ", ".join(sorted(names))))
+for want in ("runbook_sqlite_backup_last_success_timestamp_seconds", "runbook_sqlite_maintenance_check_ok"):
+    if want not in seen:
+        fail("no run wrote %s (did the awx check run?)" % want)
+if seen - emitted:
+    fail("metrics written but not found in the engines' source: %s" % sorted(seen - emitted))
+
+# The rules file: Prometheus rule-file structure, and every metric name in each expr.
+doc = yaml.safe_load(open(rules_path))
+keywords = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
+            "offset", "inf", "nan"}
+alerts = []
+for group in doc.get("groups") or fail("no groups") or []:
+    if not isinstance(group.get("name"), str) or not group.get("rules"):
+        fail("group without name or rules: %r" % group)
+        continue
+    for rule in group["rules"]:
+        name = rule.get("alert")
+        unknown = set(rule) - {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
+        if not name or not isinstance(rule.get("expr"), str) or unknown:
+            fail("bad rule %r (needs alert and expr; unknown keys %s)" % (name, sorted(unknown)))
+            continue
+        if "for" in rule and not re.fullmatch(r"(\d+[smhdwy])+", str(rule["for"])):
+            fail("%s: bad for %r" % (name, rule["for"]))
+        if rule.get("labels", {}).get("severity") not in ("critical", "warning", "info"):
+            fail("%s: labels.severity must be critical, warning or info" % name)
+        if not rule.get("annotations", {}).get("summary"):
+            fail("%s: no annotations.summary" % name)
+        expr = rule["expr"]
+        if expr.count("(") != expr.count(")"):
+            fail("%s: unbalanced parentheses" % name)
+        bare = re.sub(r'"(?:\\.|[^"\\])*"', "", expr)
+        bare = re.sub(r"\{[^}]*\}", "", bare)
+        bare = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", bare)
+        # identifiers not followed by "(" (functions) and not keywords; digits-led tokens are numbers
+        used = [m.group(1) for m in re.finditer(r"(?<![A-Za-z0-9_:.])([A-Za-z_:][A-Za-z0-9_:]*)(\s*\()?", bare)
+                if not m.group(2) and m.group(1) not in keywords]
+        if not used:
+            fail("%s: no metric in expr %r" % (name, expr))
+        for tok in used:
+            if tok not in emitted and tok not in external:
+                fail("%s: expr uses %s, which no engine emits" % (name, tok))
+        alerts.append("%s(%s)" % (name, ",".join(used)))
+for want in ("runbook_sqlite_backup_last_success_timestamp_seconds", "runbook_sqlite_maintenance_check_ok"):
+    if want not in open(rules_path).read():
+        fail("no alert uses %s" % want)
+if "probe_ssl_earliest_cert_expiry" not in open(rules_path).read():
+    fail("no certificate expiry alert")
+print("  ok: %s: %d alerts, structure and metric names checked (no promtool here): %s"
+      % (rules_path, len(alerts), "; ".join(alerts)))
+sys.exit(rc)
+PY
+}
+
+# 5. Execution environment ------------------------------------------------------------------------
+check_ee() {
+    local rc=0 ctx="$tmp/ee-context"
+    run_quiet ee-create ansible-builder create -f meta/execution-environment.yml -c "$ctx" \
+        || { fail "ansible-builder create -f meta/execution-environment.yml"; return 1; }
+    [ -f "$ctx/Containerfile" ] || [ -f "$ctx/Dockerfile" ] || { fail "no Containerfile/Dockerfile in $ctx"; return 1; }
+    grep -qx "cryptography>=41.0" "$ctx/_build/requirements.txt" || { fail "cryptography not in the EE's requirements"; rc=1; }
+    for pkg in sqlite3 zstd age; do
+        grep -q "^$pkg " "$ctx/_build/bindep.txt" || { fail "$pkg not in the EE's bindep"; rc=1; }
+    done
+    grep -q "runbook.sqlite_app" "$ctx/_build/requirements.yml" || { fail "runbook.sqlite_app not in the EE's collections"; rc=1; }
+    [ $rc = 0 ] && ok "ansible-builder $(ansible-builder --version) create: context with cryptography, sqlite3, zstd, age, runbook.sqlite_app"
+    # A consumer's EE introspects the installed collection's meta/execution-environment.yml and reads
+    # dependencies.python/system relative to the collection ROOT (schema 3 reads them relative to
+    # meta/). Report whether that resolves.
+    local coll="$installed/ansible_collections/runbook/sqlite_app"
+    [ -d "$coll" ] || coll="$root"
+    if "$python" "$ctx/_build/scripts/introspect.py" introspect "$(dirname "$(dirname "$(dirname "$coll")")")" \
+        >"$log/ee-introspect.log" 2>&1; then
+        ok "ansible-builder introspection of the installed collection: $(tr '\n' ' ' <"$log/ee-introspect.log" | cut -c1-200)"
+    else
+        echo "  WARN (not failing): a consumer EE's introspection of the installed collection fails:" \
+            "$(grep -m1 -E 'Error|not present' "$log/ee-introspect.log")"
+    fi
+    return $rc
+}
+
+# 6. AWX configuration as code --------------------------------------------------------------------
+check_awx_code() {
+    local rc=0 f
+    ANSIBLE_COLLECTIONS_PATH="$root/build" run_quiet awx-syntax ansible-playbook --syntax-check examples/awx/configure_awx.yml \
+        && ok "ansible-playbook --syntax-check examples/awx/configure_awx.yml (awx.awx from the venv's ansible package)" \
+        || { fail "syntax-check configure_awx.yml"; rc=1; }
+    for f in examples/awx/*.yml; do
+        [ "$f" = examples/awx/configure_awx.yml ] && continue
+        ANSIBLE_COLLECTIONS_PATH="$root/build" run_quiet "awx-syntax-$(basename "$f")" \
+            ansible-playbook --syntax-check -i examples/awx/inventory/hosts.yml "$f" || { fail "syntax-check $f"; rc=1; }
+    done
+    [ $rc = 0 ] && ok "syntax-check of every wrapper playbook in examples/awx"
+    # ansible-lint --profile production covers examples/awx in the lint stage (90 s of start-up here);
+    # RUNBOOK_ECOSYSTEM_LINT=1 runs it here too.
+    if [ "${RUNBOOK_ECOSYSTEM_LINT:-0}" = 1 ]; then
+        ANSIBLE_COLLECTIONS_PATH="$root/build" run_quiet awx-lint ansible-lint --profile production --offline examples/awx \
+            && ok "ansible-lint --profile production examples/awx" || { fail "ansible-lint examples/awx"; rc=1; }
+    fi
+    "$python" - <<'PY' || rc=1
+import sys
+import yaml
+play = yaml.safe_load(open("examples/awx/configure_awx.yml"))[0]
+names = [s["name"] for s in play["vars"]["awx_schedules"]]
+want = ["nightly backup", "weekly maintenance", "quarterly restore drill", "secret rotation every 90 days"]
+missing = [w for w in want if not any(w in n for n in names)]
+survey = play["vars"]["awx_dr_survey"]["spec"]
+if missing or not any(q["variable"] == "sqlite_app_dr_mode" for q in survey):
+    sys.exit("  FAIL: schedules missing %s or no sqlite_app_dr_mode survey question" % missing)
+req = yaml.safe_load(open("examples/awx/collections/requirements.yml"))
+if "runbook.sqlite_app" not in [c["name"] for c in req["collections"]]:
+    sys.exit("  FAIL: examples/awx/collections/requirements.yml lacks runbook.sqlite_app")
+print("  ok: %d schedules (%s), a %d-question DR survey, collections/requirements.yml"
+      % (len(names), "; ".join(names), len(survey)))
+PY
+    return $rc
+}
+
+# 7. Output for people: does each runbook end with a summary? (report only: playbooks/ is not ours)
+check_summary() {
+    "$python" - "${playbooks[@]}" <<'PY'
+import os, sys
+import yaml
+def last_task(tasks, base):
+    task = tasks[-1]
+    for key in ("ansible.builtin.import_tasks", "import_tasks", "ansible.builtin.include_tasks", "include_tasks"):
+        if key in task:
+            path = os.path.join(base, task[key])
+            return last_task(yaml.safe_load(open(path)), os.path.dirname(path))
+    return task
+lacking = []
+for name in sys.argv[1:]:
+    play = yaml.safe_load(open("playbooks/%s.yml" % name))[-1]
+    tasks = play.get("post_tasks") or play.get("tasks") or []
+    task = last_task(tasks, "playbooks") if tasks and not (play.get("roles") and not play.get("post_tasks")) else {}
+    label = task.get("name", "")
+    if any(word in label.lower() for word in ("summary", "report")):
+        print("  ok: %s ends with %r" % (name, label))
+    else:
+        lacking.append(name)
+        print("  NOTE: %s does not end with a summary task (last: %r)" % (name, label or "a role"))
+print("  playbooks without a closing summary: %s" % (", ".join(lacking) or "none"))
+PY
+}
+
+echo "ecosystem: runbook.sqlite_app $version, $(ansible --version 2>/dev/null | sed -n 1p), temp $tmp"
+checks=("$@")
+[ ${#checks[@]} -gt 0 ] || checks=(docs release awx metrics ee awx-code summary)
+for c in "${checks[@]}"; do check "$c"; done
+[ "$failed" = 0 ] || echo "failed checks: ${failed_names[*]}"
+echo "ecosystem: $passed passed, $failed failed"
+[ "$failed" = 0 ]
