@@ -130,7 +130,7 @@ class Writer:
 
     def stop(self) -> set[int]:
         self.proc.send_signal(signal.SIGKILL)   # an app crash: only what it reported counts
-        out, _ = self.proc.communicate()
+        out, _err = self.proc.communicate()
         return {int(line) for line in out.split() if line.isdigit()}
 
 

@@ -109,7 +109,7 @@ def test_hostile_archive_refused(tmp_path, kind, encrypted):
     with pytest.raises(RunbookError, match="unsafe archive member"):
         bs.restore(dict(params, mode="drill", drill_dir=str(tmp_path)))
     config = helpers.write_json(tmp_path / "r.json", {k: v for k, v in params.items() if v is not None})
-    proc, _ = helpers.run_timed(helpers.engine_cmd("_backupset", "restore", "--config", config))
+    proc, _elapsed = helpers.run_timed(helpers.engine_cmd("_backupset", "restore", "--config", config))
     assert proc.returncode == 1 and "unsafe archive member" in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.lexists(outside)
     assert os.listdir(root) == [] and helpers.temps(tmp_path) == []
@@ -133,7 +133,7 @@ def test_encrypted_roundtrip_cli(tmp_path):
     config = helpers.write_json(tmp_path / "b.json", {
         "databases": [db], "extra_paths": [str(env_file)], "root": str(app), "dest": str(sets),
         "encrypt_recipients": [recipient, other]})
-    proc, _ = helpers.run_timed(helpers.engine_cmd("_backupset", "backup", "--config", config))
+    proc, _elapsed = helpers.run_timed(helpers.engine_cmd("_backupset", "backup", "--config", config))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["encrypted"] is True and result["name"].endswith(".tar.zst.age")
@@ -142,12 +142,12 @@ def test_encrypted_roundtrip_cli(tmp_path):
     assert b"plain-text-marker" not in raw and b"manifest" not in raw and b"SQLite format" not in raw
     assert open(result["path"] + ".sha256").read().split()[0] == hashlib.sha256(raw).hexdigest()
     # either recipient can restore; a stranger cannot; without identity a clear error
-    stranger, _ = keypair(tmp_path)
+    stranger, _public = keypair(tmp_path)
     for ident, ok in ((identity, True), (other_identity, True), (stranger, False), (None, False)):
         params = {"src": str(sets), "mode": "drill", "drill_dir": str(tmp_path)}
         if ident:
             params["identity_file"] = ident
-        proc, _ = helpers.run_timed(helpers.engine_cmd("_backupset", "drill", "--config",
+        proc, _elapsed = helpers.run_timed(helpers.engine_cmd("_backupset", "drill", "--config",
                                                        helpers.write_json(tmp_path / "d.json", params)))
         assert (proc.returncode == 0) == ok, proc.stderr
         if not ok:

@@ -27,7 +27,7 @@ def _two_backups(tmp_path, lock_timeout):
                                                       "lock_timeout": lock_timeout})
     cmd = helpers.engine_cmd("_backupset", "backup", "--config", config)
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=helpers.env())
-             for _ in range(2)]
+             for _run in range(2)]
     results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
     for p in procs:
         p.stdout.close()
@@ -40,9 +40,9 @@ def _two_backups(tmp_path, lock_timeout):
 
 def test_two_backups_no_wait_one_exits_75(tmp_path):
     dest, results = _two_backups(tmp_path, lock_timeout=0)
-    codes = sorted(code for code, _, _ in results)
+    codes = sorted(result[0] for result in results)
     assert codes in ([0, 75], [0, 0]), results   # [0, 0] only if the first finished before the second started
-    for code, _, err in results:
+    for code, _out, err in results:
         if code == 75:
             assert "holds the lock" in err and ".runbook-backup.lock" in err
     assert len(bs.list_sets(str(dest))) == codes.count(0)
@@ -51,7 +51,7 @@ def test_two_backups_no_wait_one_exits_75(tmp_path):
 
 def test_two_backups_second_waits(tmp_path):
     dest, results = _two_backups(tmp_path, lock_timeout=60)
-    assert [code for code, _, _ in results] == [0, 0], results
+    assert [result[0] for result in results] == [0, 0], results
     assert len(bs.list_sets(str(dest))) == 2
     helpers.record("concurrency.two_backups", runs=1, waited=1, corrupted=0)
 
@@ -69,7 +69,7 @@ def test_backup_during_vacuum(tmp_path):
                               text=True, env=helpers.env())
     time.sleep(0.3)
     config = helpers.write_json(tmp_path / "b.json", {"databases": [db], "dest": str(dest), "busy_timeout": 30000})
-    backup, _ = helpers.run_timed(helpers.engine_cmd("_backupset", "backup", "--config", config))
+    backup, _elapsed = helpers.run_timed(helpers.engine_cmd("_backupset", "backup", "--config", config))
     out, err = vacuum.communicate(timeout=120)
     assert vacuum.returncode == 0, err
     assert backup.returncode == 0, backup.stderr

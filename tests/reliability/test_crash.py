@@ -58,7 +58,7 @@ def test_kill_backup(tmp_path):
     assert proc.returncode == 0, proc.stderr
     landed = left_temps = orphan_sidecars = lost = 0
     next_row = 0
-    for _ in range(helpers.RUNS):
+    for _run in range(helpers.RUNS):
         writer = helpers.Writer(db, next_row)
         landed_now, _proc = helpers.kill_at(cmd, rng.uniform(0.05, duration))
         committed = writer.stop()
@@ -73,7 +73,7 @@ def test_kill_backup(tmp_path):
         lost += len(missing)
         assert not missing, "rows reported committed are gone: %s" % sorted(missing)[:10]
         # the next run succeeds and cleans up after the killed one
-        proc, _ = helpers.run_timed(cmd)
+        proc, _elapsed = helpers.run_timed(cmd)
         assert proc.returncode == 0, proc.stderr
         assert helpers.temps(dest) == []
         assert all(not n.endswith(".sha256") or n[:-7] in os.listdir(dest) for n in os.listdir(dest))
@@ -112,7 +112,7 @@ def test_kill_restore(tmp_path):
         env_path.write_bytes(old_env)
 
     landed = left_temps = got_old = got_new = mixed = 0
-    for _ in range(helpers.RUNS):
+    for _run in range(helpers.RUNS):
         reset()
         landed_now, _proc = helpers.kill_at(cmd, rng.uniform(0.05, duration))
         landed += landed_now
@@ -126,7 +126,7 @@ def test_kill_restore(tmp_path):
         got_old += state == old_db
         got_new += state == new_db
         mixed += (state == new_db) != (env_path.read_bytes() == new_env)
-        proc, _ = helpers.run_timed(cmd)
+        proc, _elapsed = helpers.run_timed(cmd)
         assert proc.returncode == 0, proc.stderr
         assert helpers.sha256(db) == new_db and env_path.read_bytes() == new_env
         assert helpers.temps(app) == []
@@ -156,7 +156,7 @@ def test_kill_secret_rotation(tmp_path):
     proc, duration = helpers.run_timed(cmd)
     assert proc.returncode == 0, proc.stderr
     landed = left_temps = all_old = all_new = 0
-    for _ in range(helpers.RUNS):
+    for _run in range(helpers.RUNS):
         before = _values(env_path, count)
         landed_now, _proc = helpers.kill_at(cmd, rng.uniform(0.05, duration))
         landed += landed_now
@@ -168,7 +168,7 @@ def test_kill_secret_rotation(tmp_path):
         all_old += not changed
         all_new += bool(changed)
         assert os.stat(env_path).st_mode & 0o777 == 0o600
-        proc, _ = helpers.run_timed(cmd)
+        proc, _elapsed = helpers.run_timed(cmd)
         assert proc.returncode == 0, proc.stderr
         assert helpers.temps(conf) == []
     helpers.record("crash.secret_rotate", runs=helpers.RUNS, faults=helpers.RUNS, kills_landed_mid_run=landed,
@@ -208,7 +208,7 @@ def test_kill_cert_install(tmp_path):
         after = _pair(certs)   # asserts the pair matches
         kept_old += after == before
         got_new += after != before
-        proc, _ = helpers.run_timed(cmd)
+        proc, _elapsed = helpers.run_timed(cmd)
         assert proc.returncode == 0, proc.stderr
         assert helpers.temps(certs) == []
         _pair(certs)

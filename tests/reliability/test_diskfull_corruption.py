@@ -142,7 +142,7 @@ def test_damaged_live_db_backup_publishes_nothing(tmp_path):
         bs.backup({"databases": [db], "dest": str(dest), "check": "integrity_check"})
     assert "set not written" in str(err.value) or "damaged" in str(err.value)
     assert bs.list_sets(str(dest)) == [] and helpers.temps(dest) == []
-    proc, _ = helpers.run_timed(helpers.engine_cmd("_backupset", "backup", "--config", helpers.write_json(
+    proc, _elapsed = helpers.run_timed(helpers.engine_cmd("_backupset", "backup", "--config", helpers.write_json(
         tmp_path / "c.json", {"databases": [db], "dest": str(dest), "check": "integrity_check"})))
     assert proc.returncode == 1 and "check" in proc.stderr and "Traceback" not in proc.stderr
     assert bs.list_sets(str(dest)) == []
@@ -157,6 +157,6 @@ def test_damaged_live_db_vacuum_refuses(tmp_path):
         _maintenance.maintain([db], vacuum="always")
     assert db in str(err.value)
     assert helpers.sha256(db) == damaged   # left untouched
-    proc, _ = helpers.run_timed(helpers.engine_cmd("_maintenance", db, "--vacuum", "always"))
+    proc, _elapsed = helpers.run_timed(helpers.engine_cmd("_maintenance", db, "--vacuum", "always"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     helpers.record("corruption.live_db_vacuum", faults=2, refused=2)

@@ -42,10 +42,10 @@ with open(os.path.join(SANDBOX, ".env"), "w", encoding="utf-8") as _h:
 paths = st.sampled_from([SANDBOX, DB, os.path.join(SANDBOX, ".env"), os.path.join(SANDBOX, "dest"),
                          os.path.join(SANDBOX, "missing", "x"), "", "relative/path", "/dev/null", "/proc/1/mem",
                          os.path.join(SANDBOX, "dest", "..", "app.db")])
-texts = st.text(max_size=30) | st.sampled_from(["0600", "0o777", "quick_check", "latest", "zstd", "none", "rsa",
-                                                 "self_signed", "files", "content", "drill", "pruned", "root",
-                                                 "nobody", "-1", "hex", "age1xyz",
-                                                 "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"])
+TEXT_SAMPLES = ["0600", "0o777", "quick_check", "latest", "zstd", "none", "rsa", "self_signed", "files", "content",
+                "drill", "pruned", "root", "nobody", "-1", "hex", "age1xyz",
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"]
+texts = st.text(max_size=30) | st.sampled_from(TEXT_SAMPLES)
 small_ints = st.integers(-3, 120) | st.sampled_from([2048, 4096, 10**6, -(10**9)])
 scalars = st.none() | st.booleans() | small_ints | texts | paths | st.floats(allow_nan=True)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(

@@ -138,7 +138,7 @@ def test_failure_runs_the_on_failure_unit(host):
                          "&& systemctl daemon-reload" % (dropin, dropin))
     try:
         assert host.run("systemctl start %s.service" % UNIT).rc != 0
-        for _ in range(20):
+        for _attempt in range(20):
             if host.file("/var/log/runbook-backup-failures.log").exists:
                 break
             time.sleep(0.5)

@@ -65,7 +65,8 @@ def test_backup_and_drill(app):
 
 def test_gateway_serves_its_installed_certificate():
     host = _host("gateway")
-    served = host.check_output("echo | openssl s_client -connect 127.0.0.1:8080 2>/dev/null | openssl x509 -noout -fingerprint -sha256")
+    served = host.check_output(
+        "echo | openssl s_client -connect 127.0.0.1:8080 2>/dev/null | openssl x509 -noout -fingerprint -sha256")
     installed = host.check_output("openssl x509 -noout -fingerprint -sha256 -in /srv/gateway/.data/certs/server.crt")
     assert served == installed
 

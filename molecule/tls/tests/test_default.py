@@ -16,7 +16,7 @@ def fingerprint(host, path):
 def served_fingerprint(host, port, extra=""):
     cmd = ("echo | openssl s_client -connect 127.0.0.1:%d %s 2>/dev/null | openssl x509 -noout -fingerprint -sha256"
            % (port, extra))
-    for _ in range(30):
+    for _attempt in range(30):
         res = host.run(cmd)
         if res.rc == 0 and "=" in res.stdout:
             return res.stdout.split("=", 1)[1].strip()

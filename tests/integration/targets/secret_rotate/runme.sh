@@ -7,7 +7,7 @@ set -eu
 python="${ANSIBLE_TEST_PYTHON_INTERPRETER:-python3}"
 
 inventory="${INVENTORY_PATH:-localhost,}"
-export ANSIBLE_ROLES_PATH=..
+
 export ANSIBLE_NOCOLOR=1
 
 ansible-playbook -i "$inventory" -c local runme.yml "$@"

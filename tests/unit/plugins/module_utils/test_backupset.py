@@ -850,7 +850,7 @@ def test_encrypted_set_roundtrip(app, tmp_path, compression):
 def test_encrypted_set_needs_the_right_identity(app, tmp_path):
     root, dest = app
     _identity, recipient = age_keypair(tmp_path)
-    stranger, _ = age_keypair(tmp_path, "other.txt")
+    stranger, _public = age_keypair(tmp_path, "other.txt")
     result = bs.backup(params(root, dest, encrypt_recipients=[recipient]))
     with pytest.raises(RunbookError, match="encrypted with age; give identity_file"):
         bs.restore({"src": str(dest), "force": True})
