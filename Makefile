@@ -2,12 +2,13 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-.PHONY: help demo test venv lint sanity units integration reliability ecosystem molecule lab bench build clean
+.PHONY: help demo test venv lint sanity units integration reliability ecosystem molecule compat lab bench build clean
 
 help:
 	@echo "make demo   - run the collection's playbooks on a sample app in ./demo (localhost, no root)"
 	@echo "make test   - lint, sanity, units, integration and molecule: everything CI runs"
 	@echo "make bench  - benchmarks; writes docs/BENCHMARKS.md"
+	@echo "make compat - units and sanity on ansible-core 2.17 and 2.18 (slow; not part of make test)"
 	@echo "make build  - ansible-galaxy collection build"
 
 demo:
@@ -21,6 +22,9 @@ venv:
 
 lint sanity units integration reliability ecosystem molecule:
 	@bash tools/test.sh $@
+
+compat: venv
+	@bash tests/ecosystem/compat.sh
 
 lab:
 	@bash tools/dockerd.sh && bash tools/lab-image.sh
