@@ -290,7 +290,7 @@ backup_files:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-from ansible_collections.runbook.sqlite_app.plugins.module_utils._errors import RunbookError  # noqa: E402
+from ansible_collections.runbook.sqlite_app.plugins.module_utils._module import run_engine  # noqa: E402
 from ansible_collections.runbook.sqlite_app.plugins.module_utils._x509 import install  # noqa: E402
 
 
@@ -334,14 +334,7 @@ def main():
         ],
         supports_check_mode=True,
     )
-    try:
-        result = install(module.params, check_mode=module.check_mode)
-    except RunbookError as err:
-        module.fail_json(msg=str(err))
-    diff = result.pop("diff")
-    if module._diff:
-        result["diff"] = diff
-    module.exit_json(**result)
+    run_engine(module, lambda: install(module.params, check_mode=module.check_mode))
 
 
 if __name__ == "__main__":

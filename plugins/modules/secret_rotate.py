@@ -216,7 +216,7 @@ backup_file:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-from ansible_collections.runbook.sqlite_app.plugins.module_utils._errors import RunbookError  # noqa: E402
+from ansible_collections.runbook.sqlite_app.plugins.module_utils._module import run_engine  # noqa: E402
 from ansible_collections.runbook.sqlite_app.plugins.module_utils._secrets import FORMATS, rotate  # noqa: E402
 
 
@@ -248,18 +248,11 @@ def main():
         supports_check_mode=True,
     )
     params = module.params
-    try:
-        result = rotate(
-            params["path"], params["secrets"], force=params["force"], create=params["create"],
-            mode=params["mode"], owner=params["owner"], group=params["group"], backup=params["backup"],
-            check_mode=module.check_mode, sensitive=module.no_log_values,
-        )
-    except RunbookError as err:
-        module.fail_json(msg=str(err))
-    diff = result.pop("diff")
-    if module._diff:
-        result["diff"] = diff
-    module.exit_json(**result)
+    run_engine(module, lambda: rotate(
+        params["path"], params["secrets"], force=params["force"], create=params["create"],
+        mode=params["mode"], owner=params["owner"], group=params["group"], backup=params["backup"],
+        check_mode=module.check_mode, sensitive=module.no_log_values,
+    ))
 
 
 if __name__ == "__main__":

@@ -234,7 +234,7 @@ encrypted:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.runbook.sqlite_app.plugins.module_utils._backupset import backup
-from ansible_collections.runbook.sqlite_app.plugins.module_utils._errors import RunbookError
+from ansible_collections.runbook.sqlite_app.plugins.module_utils._module import run_engine
 
 
 def main():
@@ -265,14 +265,7 @@ def main():
         required_if=[("state", "present", ["databases"])],
         supports_check_mode=True,
     )
-    try:
-        result = backup(dict(module.params), check_mode=module.check_mode)
-    except RunbookError as err:
-        module.fail_json(msg=str(err))
-    diff = result.pop("diff")
-    if module._diff:
-        result["diff"] = diff
-    module.exit_json(**result)
+    run_engine(module, lambda: backup(dict(module.params), check_mode=module.check_mode))
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ manifest:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.runbook.sqlite_app.plugins.module_utils._backupset import restore
-from ansible_collections.runbook.sqlite_app.plugins.module_utils._errors import RunbookError
+from ansible_collections.runbook.sqlite_app.plugins.module_utils._module import run_engine
 
 
 def main():
@@ -240,11 +240,7 @@ def main():
         required_if=[("mode", "drill", ["drill_dir"])],
         supports_check_mode=True,
     )
-    try:
-        result = restore(dict(module.params), check_mode=module.check_mode)
-    except RunbookError as err:
-        module.fail_json(msg=str(err))
-    module.exit_json(**result)
+    run_engine(module, lambda: restore(dict(module.params), check_mode=module.check_mode))
 
 
 if __name__ == "__main__":
