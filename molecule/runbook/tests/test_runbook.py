@@ -9,6 +9,7 @@ off-host copy on runbook-store -> same data, healthy. The steps share state and 
 
 import json
 import os
+import shlex
 import subprocess
 
 import pytest
@@ -51,6 +52,26 @@ def test_01_deployed_release_1_is_healthy_everywhere():
         assert _get(host, "/healthz")["version"] == 1, name
         assert host.file("/srv/gateway/.data/.env").mode == 0o600, name
         assert host.file("/etc/systemd/system/runbook-backup-gateway.timer").exists, name
+
+
+AUDIT = os.path.join(os.path.dirname(__file__), "..", "..", "..", "tests", "reliability", "audit.py")
+
+
+def test_01b_permissions_audit_after_deploy():
+    # The reliability suite's audit, run inside the container on what deploy made: .data/ owned by the
+    # app user; the app root (root-owned releases) for modes only; the backup directory root-owned.
+    host = _host("runbook-app2")
+    with open(AUDIT, encoding="utf-8") as handle:
+        source = handle.read()
+    host.ansible("copy", {"dest": "/root/runbook_audit.py", "content": source, "mode": "0600"}, check=False)
+    script = (
+        "import sys; sys.path.insert(0, '/root'); from runbook_audit import audit_tree, format_report; "
+        "p = audit_tree('/srv/gateway/.data', app_user='gateway', app_group='gateway') "
+        "+ audit_tree('/srv/gateway') + audit_tree('/var/backups/gateway', app_user='root'); "
+        "print(format_report(p)); sys.exit(1 if p else 0)"
+    )
+    run = host.run("python3 -c %s" % shlex.quote(script))
+    assert run.rc == 0, run.stdout + run.stderr
 
 
 def test_02_write_data_through_the_app():
