@@ -7,6 +7,7 @@ the rollout stops there -> destroy runbook-app1 -> disaster_recovery onto runboo
 off-host copy on runbook-store -> same data, healthy. The steps share state and run in order.
 """
 
+import base64
 import json
 import os
 import shlex
@@ -61,9 +62,9 @@ def test_01b_permissions_audit_after_deploy():
     # The reliability suite's audit, run inside the container on what deploy made: .data/ owned by the
     # app user; the app root (root-owned releases) for modes only; the backup directory root-owned.
     host = _host("runbook-app2")
-    with open(AUDIT, encoding="utf-8") as handle:
-        source = handle.read()
-    host.ansible("copy", {"dest": "/root/runbook_audit.py", "content": source, "mode": "0600"}, check=False)
+    with open(AUDIT, "rb") as handle:
+        encoded = base64.b64encode(handle.read()).decode()
+    host.check_output("echo %s | base64 -d > /root/runbook_audit.py" % encoded)
     script = (
         "import sys; sys.path.insert(0, '/root'); from runbook_audit import audit_tree, format_report; "
         "p = audit_tree('/srv/gateway/.data', app_user='gateway', app_group='gateway') "
