@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright (c) runbook.sqlite_app contributors
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
@@ -8,8 +7,10 @@ Builds a database of about --size-mib MiB, deletes every other row (a ~50% freel
 identical copies, then times
   * engine: maintain(check=quick_check, checkpoint=passive, vacuum=always, analyze=analyze)
   * cli:    sqlite3 DB 'PRAGMA quick_check; VACUUM; ANALYZE;'
-and prints one JSON object. Run from a collection tree (tools/collection-tree.sh) or with the
-collection on PYTHONPATH; figures go to docs/BENCHMARKS.md, never into tests.
+and prints one JSON object. With --runs N it does N rounds on fresh copies of the built database,
+alternating which method goes first; engine_vs_cli is then the median ratio. Run from a collection
+tree (tools/collection-tree.sh) or with the collection on PYTHONPATH; figures go to
+docs/BENCHMARKS.md, never into tests.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import platform
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,6 +92,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size-mib", type=int, default=256, help="approximate database size (default 256)")
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir, removed afterwards)")
     parser.add_argument("--sqlite3", default=shutil.which("sqlite3"), help="sqlite3 CLI (default: from PATH)")
+    parser.add_argument("--runs", type=int, default=1, help="interleaved engine/CLI rounds (default 1)")
+    parser.add_argument("--out", default=None, help="write the JSON here (default: stdout)")
     args = parser.parse_args(argv)
     engine = _import_engine()
     work = tempfile.mkdtemp(prefix="bench-vacuum-", dir=args.dir)
@@ -98,25 +102,47 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         built = build(source, args.size_mib)
         build_seconds = time.perf_counter() - started
-        engine_db = os.path.join(work, "engine.db")
-        cli_db = os.path.join(work, "cli.db")
-        shutil.copyfile(source, engine_db)
-        shutil.copyfile(source, cli_db)
+        runs = []
+        for run in range(args.runs):
+            # a fresh copy of the freshly built database per method and run (same freelist every
+            # time); the order alternates so neither method always runs second
+            row = {}
+            order = ("engine", "sqlite3_cli") if run % 2 == 0 else ("sqlite3_cli", "engine")
+            for name in order:
+                db = os.path.join(work, name + ".db")
+                shutil.copyfile(source, db)
+                if name == "engine":
+                    row[name] = run_engine(engine, db)
+                else:
+                    row[name] = (run_cli(args.sqlite3, db) if args.sqlite3 else {"error": "sqlite3 CLI not found"})
+                for suffix in ("", "-wal", "-shm"):
+                    if os.path.exists(db + suffix):
+                        os.unlink(db + suffix)
+            if row["sqlite3_cli"].get("seconds"):
+                row["engine_vs_cli"] = round(row["engine"]["seconds"] / row["sqlite3_cli"]["seconds"], 3)
+            runs.append(row)
         os.unlink(source)
         result = {
             "bench": "vacuum",
             "size_mib": args.size_mib,
             "database": built,
             "build_seconds": round(build_seconds, 3),
-            "engine": run_engine(engine, engine_db),
-            "sqlite3_cli": run_cli(args.sqlite3, cli_db) if args.sqlite3 else {"error": "sqlite3 CLI not found"},
+            "runs": runs,
+            "engine": runs[0]["engine"],
+            "sqlite3_cli": runs[0]["sqlite3_cli"],
             "sqlite_version": sqlite3.sqlite_version,
             "python": platform.python_version(),
         }
-        if "seconds" in result["sqlite3_cli"] and result["sqlite3_cli"]["seconds"]:
-            result["engine_vs_cli"] = round(result["engine"]["seconds"] / result["sqlite3_cli"]["seconds"], 3)
+        ratios = [row["engine_vs_cli"] for row in runs if "engine_vs_cli" in row]
+        if ratios:
+            result["engine_vs_cli"] = round(statistics.median(ratios), 3)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        return 0
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
 

@@ -1,0 +1,211 @@
+# Copyright (c) runbook.sqlite_app contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Shared helpers for the bench/*.py scripts: building test databases, timing child processes
+(wall time and peak RSS from wait4), statistics and a description of the machine.
+
+Figures go to docs/BENCHMARKS.md (bench/render.py), never into tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MIB = 1024 * 1024
+
+# Application-like text: timestamps, short words, hex tokens, an index. Compresses ~2-3x.
+_WORDS = ("login logout create update delete view export import sync retry queue order invoice "
+          "payment refund user admin guest report alert notice warning error debug trace").split()
+
+
+def collection_root() -> str:
+    """Directory that holds ansible_collections/ (PYTHONPATH), from the env or a collection tree."""
+    root = os.environ.get("BENCH_COLLECTION_ROOT")
+    if root:
+        return root
+    for path in sys.path:
+        if os.path.isdir(os.path.join(path or ".", "ansible_collections", "runbook", "sqlite_app")):
+            return os.path.abspath(path or ".")
+    up = os.path.abspath(os.path.join(HERE, "..", "..", "..", ".."))
+    if os.path.isdir(os.path.join(up, "ansible_collections")):
+        return up
+    sys.exit("cannot find the collection: set BENCH_COLLECTION_ROOT or PYTHONPATH to a tree made by "
+             "tools/collection-tree.sh")
+
+
+def engine_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = collection_root()
+    return env
+
+
+CLI = ("from ansible_collections.runbook.sqlite_app.plugins.module_utils._backupset import cli; cli()")
+
+
+def build_text_db(path: str, size_mib: int) -> dict:
+    """A WAL database of ~size_mib MiB of text-like rows (events table + index), checkpointed."""
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.unlink(path + suffix)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = wal")
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, at TEXT, kind TEXT, actor TEXT, token TEXT, "
+                 "body TEXT)")
+    conn.execute("CREATE INDEX events_kind_at ON events (kind, at)")
+    conn.execute("CREATE TABLE writes (id INTEGER PRIMARY KEY, at REAL, note TEXT)")
+    conn.execute("CREATE TEMP TABLE w (i INTEGER PRIMARY KEY, word TEXT)")
+    conn.executemany("INSERT INTO w (word) VALUES (?)", [(word,) for word in _WORDS])
+    nwords = len(_WORDS)
+    batch = 20000
+    target = size_mib * MIB
+    done = 0
+    while True:
+        conn.execute("BEGIN")
+        conn.execute(
+            "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < ?) "
+            "INSERT INTO events (at, kind, actor, token, body) SELECT "
+            " strftime('%Y-%m-%dT%H:%M:%SZ', 1700000000 + ? + x, 'unixepoch'),"
+            " (SELECT word FROM w WHERE i = 1 + abs(random()) % ?),"
+            " 'user' || (abs(random()) % 5000),"
+            " lower(hex(randomblob(16))),"
+            " (SELECT group_concat(word, ' ') FROM (SELECT word FROM w ORDER BY random() LIMIT 12))"
+            "   || ' id=' || (abs(random()) % 1000000) || ' ref=' || lower(hex(randomblob(8)))"
+            "   || ' ' || (SELECT group_concat(word, ' ') FROM (SELECT word FROM w ORDER BY random() LIMIT 10))"
+            " FROM n", (batch, done, nwords))
+        conn.execute("COMMIT")
+        done += batch
+        page_size, pages = (conn.execute("PRAGMA page_size").fetchone()[0],
+                            conn.execute("PRAGMA page_count").fetchone()[0])
+        if page_size * pages >= target:
+            break
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    rows = conn.execute("SELECT max(id) FROM events").fetchone()[0]
+    conn.close()
+    return {"rows": rows, "size_bytes": os.path.getsize(path)}
+
+
+def run_timed(argv, timeout=None, env=None, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE):
+    """Run argv; return dict(seconds, rc, maxrss_kib, timed_out, stderr). maxrss comes from wait4:
+    the largest resident set of the child or any descendant it waited for (e.g. a zstd child)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    deadline = None if timeout is None else started + timeout
+    timed_out = False
+    err = b""
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            pid, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.01)
+    seconds = time.monotonic() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.stderr is not None:
+        err = proc.stderr.read()
+        proc.stderr.close()
+    out = None
+    if proc.stdout is not None:
+        out = proc.stdout.read().decode(errors="replace")
+        proc.stdout.close()
+    return {"seconds": round(seconds, 4), "rc": proc.returncode, "maxrss_kib": usage.ru_maxrss,
+            "timed_out": timed_out, "stderr": err.decode(errors="replace")[-2000:], "stdout": out,
+            "started": started, "ended": started + seconds}
+
+
+def cp_fsync(src: str, dst: str) -> float:
+    """cp of a quiescent file, then fsync of the copy (the durable copy floor). Returns seconds."""
+    started = time.monotonic()
+    subprocess.run(["cp", src, dst], check=True)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.monotonic() - started
+
+
+def cp_plain(src: str, dst: str) -> float:
+    started = time.monotonic()
+    subprocess.run(["cp", src, dst], check=True)
+    return time.monotonic() - started
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 4) if values else None
+
+
+def percentile(values, pct):
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, int(round(pct / 100.0 * len(ordered) + 0.5)) - 1))
+    return ordered[index]
+
+
+def loadavg() -> list:
+    with open("/proc/loadavg", encoding="ascii") as handle:
+        return [float(x) for x in handle.read().split()[:3]]
+
+
+def machine(work_dir: str) -> dict:
+    info = {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+            "sqlite_python": sqlite3.sqlite_version, "date": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())}
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    info["mem_total_mib"] = int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    cli = shutil.which("sqlite3")
+    if cli:
+        version = subprocess.run([cli, "--version"], check=False, capture_output=True, text=True)
+        info["sqlite_cli"] = version.stdout.split()[0]
+    zstd = shutil.which("zstd")
+    if zstd:
+        text = subprocess.run([zstd, "--version"], check=False, capture_output=True, text=True).stdout
+        info["zstd"] = next((word.rstrip(",") for word in text.split() if word.startswith("v")), text.strip())
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    df = subprocess.run(["df", "-hT", work_dir], check=False, capture_output=True, text=True).stdout
+    df = df.strip().splitlines()
+    if len(df) > 1:
+        fields = df[-1].split()
+        info["disk"] = "%s (%s, %s, %s free)" % (work_dir, fields[0], fields[1], fields[4])
+    info["loadavg"] = loadavg()
+    return info
+
+
+def write_json(path: str, data) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def log(msg: str) -> None:
+    sys.stderr.write("[bench %s] %s\n" % (time.strftime("%H:%M:%S"), msg))
+    sys.stderr.flush()
