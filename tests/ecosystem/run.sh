@@ -199,11 +199,8 @@ runner_dir="$tmp/runner"
 check_awx() {
     local rc=0 pb ident app="$tmp/awx-app" colls="$installed"
     [ -f "$colls/ansible_collections/runbook/sqlite_app/MANIFEST.json" ] || colls="$root/build"
-    # The backup playbook writes into an existing destination: the backup role's config tasks
-    # create it during deploy, but only with sqlite_app_schedule true (not here: no timers on the
-    # test machine), so it is made here as deploy would.
-    # Same for the drill's scratch directory: dr_drill.yml does not create it (reported).
-    mkdir -p "$runner_dir"/{env,inventory,project} "$tmp/textfile" "$tmp/backups" "$tmp/drill"
+    # The backup playbook creates its destination and the drill its scratch directory.
+    mkdir -p "$runner_dir"/{env,inventory,project} "$tmp/textfile"
     cp examples/awx/*.yml "$runner_dir/project/"
     # The sample app's database, with rows, before the first deploy (deploy puts it in WAL mode).
     mkdir -p "$app/.data"
@@ -239,6 +236,7 @@ json.dump({
     "backup_group": "$(id -gn)",
     "backup_metrics_file": "$tmp/textfile/runbook_backup_eco-app.prom",
     "maintenance_metrics_file": "$tmp/textfile/runbook_maintenance_eco-app.prom",
+    "tls_metrics_file": "$tmp/textfile/runbook_tls_eco-app.prom",
     "sqlite_app_dr_drill_dir": "$tmp/drill",
 }, open(sys.argv[1], "w"), indent=1)
 EOF
@@ -250,18 +248,11 @@ ANSIBLE_DISPLAY_SKIPPED_HOSTS: "false"
 EOF
     # AWX runs jobs without a terminal; a prompt would hang: fail after 10 minutes instead.
     printf -- '---\njob_timeout: 600\nidle_timeout: 300\n' >"$runner_dir/env/settings"
-    # Known limitation (reported): the backup role's offhost_host tasks use delegate_to with a
-    # variable that is empty when no off-host host is set; ansible-core templates delegate_to
-    # before `when` (ansible/ansible#84332), so every deploy fails there, even when the backup role
-    # itself is skipped. --skip-tags backup_offhost keeps these checks about packaging and AWX.
-    for pb in deploy backup maintenance drill; do
+    # Every runbook that can run on this machine without systemd services: upgrade and the in-place
+    # and fresh-host recoveries need a running service and more hosts (molecule/runbook runs them).
+    for pb in deploy backup maintenance rotate_secrets renew_certs drill; do
         ident="eco-$pb"
-        if [ "$pb" = deploy ]; then
-            run_quiet "runner-$pb" ansible-runner run "$runner_dir" -p "$pb.yml" --ident "$ident" \
-                --cmdline "--skip-tags backup_offhost" || true
-        else
-            run_quiet "runner-$pb" ansible-runner run "$runner_dir" -p "$pb.yml" --ident "$ident" || true
-        fi
+        run_quiet "runner-$pb" ansible-runner run "$runner_dir" -p "$pb.yml" --ident "$ident" || true
         "$python" - "$runner_dir/artifacts/$ident" "$pb" <<'PY' || rc=1
 import glob, json, os, sys
 art, pb = sys.argv[1], sys.argv[2]
