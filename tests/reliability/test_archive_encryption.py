@@ -147,8 +147,8 @@ def test_encrypted_roundtrip_cli(tmp_path):
         params = {"src": str(sets), "mode": "drill", "drill_dir": str(tmp_path)}
         if ident:
             params["identity_file"] = ident
-        proc, _elapsed = helpers.run_timed(helpers.engine_cmd("_backupset", "drill", "--config",
-                                                       helpers.write_json(tmp_path / "d.json", params)))
+        config = helpers.write_json(tmp_path / "d.json", params)
+        proc, _elapsed = helpers.run_timed(helpers.engine_cmd("_backupset", "drill", "--config", config))
         assert (proc.returncode == 0) == ok, proc.stderr
         if not ok:
             assert ("no identity matched" in proc.stderr) if ident else ("identity_file" in proc.stderr)
