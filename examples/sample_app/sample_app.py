@@ -20,6 +20,7 @@ rewrites the APP_VERSION line below, and the behaviour follows APP_VERSION:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -148,6 +149,19 @@ def is_blank(conn):
     return conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
 
 
+@contextlib.contextmanager
+def write_transaction(conn):
+    """BEGIN IMMEDIATE ... COMMIT; any error (even KeyboardInterrupt) rolls back and re-raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def migrate(path, bootstrap_only=False):
     """Apply pending shipped migrations in one transaction. Returns (before, after).
 
@@ -160,15 +174,13 @@ def migrate(path, bootstrap_only=False):
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise AppError("%s: could not switch to WAL (journal_mode=%s)" % (path, mode))
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             before = schema_version(conn)
             if before == 0 and not is_blank(conn):
                 raise AppError(
                     "%s: user_version is 0 but the database has tables; not a sample_app "
                     "database" % path)
             if bootstrap_only and before != 0:
-                conn.execute("ROLLBACK")
                 return before, before
             after = before
             for target, statements in shipped_migrations():
@@ -179,12 +191,7 @@ def migrate(path, bootstrap_only=False):
                 after = target
             if after != before:
                 conn.execute("PRAGMA user_version = %d" % after)
-            conn.execute("COMMIT")
-            return before, after
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        return before, after
     finally:
         conn.close()
 
@@ -348,8 +355,7 @@ class Handler(BaseHTTPRequestHandler):
             item["tags"] = tags
         conn = connect(self.cfg.db)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(conn):
                 if "tags" in item:
                     cur = conn.execute(
                         "INSERT INTO items (body, created_at, tags) VALUES (?, ?, ?)",
@@ -358,11 +364,6 @@ class Handler(BaseHTTPRequestHandler):
                     cur = conn.execute("INSERT INTO items (body, created_at) VALUES (?, ?)",
                                        (item["body"], item["created_at"]))
                 item["id"] = cur.lastrowid
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         finally:
             conn.close()
         self.send_json(201, item)
