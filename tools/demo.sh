@@ -65,8 +65,12 @@ done
 echo "rows in the app: $(curl -skf "$url/stats")"
 key_before=$(curl -skf "$url/keyinfo")
 
-playbook deploy
-echo "(second deploy: nothing to change on a healthy host)"
+playbook deploy | tee "$demo/deploy-again.log"
+if ! grep -Eq 'localhost +: ok=[0-9]+ +changed=0 ' "$demo/deploy-again.log"; then
+    echo "demo: the second deploy changed something on a host that was already deployed" >&2
+    exit 1
+fi
+echo "(second deploy: changed=0, nothing to change on a healthy host)"
 
 playbook backup
 playbook maintenance
