@@ -7,7 +7,9 @@ key line is searched for in all output, the registered results and the backup ma
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -143,3 +145,50 @@ def test_no_secret_in_output_results_or_manifests(tmp_path):
     assert not leaks, leaks
     helpers.record("leaks", playbook_runs=len(outputs), secrets_tracked=len(seen_secrets),
                    places_searched=len(haystacks), leaks=len(leaks))
+
+
+# Every runbook of the collection, by FQCN, on localhost with the demo's inventory: real run first
+# (check mode needs the state a real run makes), then check mode, all at -vvv --diff.
+RUNBOOKS = [
+    ("deploy", []), ("deploy", ["--check"]),
+    ("backup", []), ("backup", ["--check"]),
+    ("maintenance", []), ("maintenance", ["--check"]),
+    ("rotate_secrets", ["-e", "secrets_force=true"]), ("rotate_secrets", ["--check", "-e", "secrets_force=true"]),
+    ("renew_certs", []), ("renew_certs", ["--check"]),
+    ("disaster_recovery", ["-e", "sqlite_app_dr_mode=drill"]),
+    ("disaster_recovery", ["--check", "-e", "sqlite_app_dr_mode=drill"]),
+]
+
+
+def test_runbook_playbooks_leak_nothing(tmp_path):
+    pytest.importorskip("cryptography")
+    playbook_cmd = shutil.which("ansible-playbook", path=os.path.dirname(helpers.PYTHON))
+    if not playbook_cmd:
+        pytest.skip("ansible-playbook not found next to %s" % helpers.PYTHON)
+    collection = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    inventory = os.path.join(collection, "examples", "demo", "inventory.yml")
+    app = tmp_path / "app"
+    (app / ".data").mkdir(parents=True)
+    helpers.make_db(app / ".data" / "app.db", mib=0.05)
+    environ = helpers.env()
+    environ.update(ANSIBLE_COLLECTIONS_PATH=helpers.BUILD, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
+                   ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_HOME=str(tmp_path / "ansible-home"))
+    common = ["-i", inventory, "-vvv", "--diff", "-e", "ansible_python_interpreter=%s" % helpers.PYTHON,
+              "-e", "sqlite_app_root=%s" % app, "-e", "sqlite_app_user=%s" % pwd.getpwuid(os.getuid()).pw_name,
+              "-e", "sqlite_app_group=%s" % grp.getgrgid(os.getgid()).gr_name,
+              "-e", "sqlite_app_backup_dest=%s" % (tmp_path / "backups")]
+    outputs = {}
+    seen_secrets = set()
+    for number, (name, extra) in enumerate(RUNBOOKS):
+        cmd = [playbook_cmd, "runbook.sqlite_app." + name, *common, *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=environ, timeout=300, check=False)
+        assert proc.returncode == 0, name + " " + " ".join(extra) + "\n" + proc.stdout[-3000:] + proc.stderr[-2000:]
+        outputs["%02d %s %s" % (number, name, " ".join(extra))] = proc.stdout + proc.stderr
+        # Collect after each run: rotation replaces values, and each one ever present must stay unseen.
+        seen_secrets |= _secrets_in(app / ".data")
+    assert "HMAC_SECRET_PREVIOUS" in (app / ".data" / ".env").read_text(), "rotate_secrets did not rotate"
+    leaks = [(where, secret[:6] + "...")
+             for where, text in outputs.items() for secret in seen_secrets if secret in text]
+    assert len(seen_secrets) >= 3, len(seen_secrets)  # HMAC_SECRET (old, new) and the TLS key lines
+    assert not leaks, leaks
+    helpers.record("runbook leaks", playbook_runs=len(outputs), secrets_tracked=len(seen_secrets), leaks=len(leaks))
