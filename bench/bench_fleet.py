@@ -84,9 +84,7 @@ def playbook(playbook_name, inv, forks, pipelining, *, collections, log_path):
                ANSIBLE_CALLBACKS_ENABLED="ansible.posix.profile_tasks", PROFILE_TASKS_TASK_OUTPUT_LIMIT="15")
     ansible = os.path.join(REPO, ".venv", "bin", "ansible-playbook")
     started = time.monotonic()
-    # --skip-tags backup_offhost: the backup role's off-host copy tasks fail on an empty
-    # backup_offhost_host even when skipped (delegate_to is templated first); see BENCHMARKS.md.
-    done = subprocess.run([ansible, "-i", inv, "-f", str(forks), "--skip-tags", "backup_offhost", playbook_name],
+    done = subprocess.run([ansible, "-i", inv, "-f", str(forks), playbook_name],
                           check=False, env=env, capture_output=True, text=True)
     seconds = time.monotonic() - started
     with open(log_path, "a", encoding="utf-8") as handle:

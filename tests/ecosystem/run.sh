@@ -176,12 +176,10 @@ check_release() {
     ok "installed into an empty collections path ($installed)"
     # A playbook by FQCN from the installed copy only. sqlite_app_schedule=false: no timers or cron
     # entries on the machine running the tests; databases: none, so the deploy stays within data_dir,
-    # secrets and the summary (the awx check runs the database roles). --skip-tags backup_offhost:
-    # see check_awx.
+    # secrets and the summary (the awx check runs the database roles).
     if ANSIBLE_COLLECTIONS_PATH="$installed" ansible-playbook -i examples/demo/inventory.yml runbook.sqlite_app.deploy \
         -e "sqlite_app_root=$app" -e "sqlite_app_user=$(id -un)" -e "sqlite_app_group=$(id -gn)" \
         -e sqlite_app_schedule=false -e '{"sqlite_app_databases": [], "sqlite_app_secrets": [{"name": "HMAC_SECRET"}]}' \
-        --skip-tags backup_offhost \
         >"$log/release-deploy.log" 2>&1; then
         grep -qx "# $installed/ansible_collections" <(ANSIBLE_COLLECTIONS_PATH="$installed" \
             ansible-galaxy collection list runbook.sqlite_app 2>/dev/null) || { fail "collection list does not show the installed copy"; rc=1; }
