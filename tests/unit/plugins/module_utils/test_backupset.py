@@ -48,7 +48,8 @@ def make_db(path, rows=100, journal_mode="wal", user_version=0):
 
 
 def count(path, table="items"):
-    conn = sqlite3.connect(str(path))
+    # A long timeout: in rollback-journal mode a busy writer can keep a reader waiting for seconds.
+    conn = sqlite3.connect(str(path), timeout=60)
     try:
         return conn.execute("SELECT count(*) FROM %s" % table).fetchone()[0]  # noqa: S608 (fixed table names)
     finally:
@@ -232,6 +233,9 @@ def _writer(path, stop, started):
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany("INSERT INTO items (body) VALUES (?)", [("w" * 200,)] * 20)
         conn.execute("COMMIT")
+        # A short pause between commits, as an app's request loop has: without it a rollback-journal
+        # writer retakes its lock at once and can starve every reader (SQLite's busy handler sleeps).
+        time.sleep(0.002)
     conn.close()
 
 
