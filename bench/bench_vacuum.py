@@ -6,7 +6,9 @@
 Builds a database of about --size-mib MiB, deletes every other row (a ~50% freelist), makes two
 identical copies, then times
   * engine: maintain(check=quick_check, checkpoint=passive, vacuum=always, analyze=analyze)
-  * cli:    sqlite3 DB 'PRAGMA quick_check; VACUUM; ANALYZE;'
+  * module: the same options through Ansible, ``ansible localhost -m runbook.sqlite_app.sqlite_vacuum``
+            (what a user's task costs: Ansible start-up, module packaging and the engine; needs --ansible)
+  * cli:    sqlite3 DB 'PRAGMA quick_check; VACUUM; ANALYZE; PRAGMA wal_checkpoint(PASSIVE);'
 and prints one JSON object. With --runs N it does N rounds on fresh copies of the built database,
 alternating which method goes first; engine_vs_cli is then the median ratio. Run from a collection
 tree (tools/collection-tree.sh) or with the collection on PYTHONPATH; figures go to
@@ -77,6 +79,22 @@ def run_engine(engine, path: str) -> dict:
             "bytes_reclaimed": report["bytes_reclaimed"]}
 
 
+def run_module(ansible_bin: str, path: str) -> dict:
+    args = json.dumps({"databases": [path], "check": "quick_check", "checkpoint": "passive",
+                       "vacuum": "always", "analyze": "analyze"})
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=os.environ.get("BENCH_COLLECTION_ROOT", ""),
+               ANSIBLE_PYTHON_INTERPRETER=sys.executable, ANSIBLE_LOCALHOST_WARNING="false",
+               ANSIBLE_INVENTORY_UNPARSED_WARNING="false")
+    started = time.perf_counter()
+    done = subprocess.run([ansible_bin, "localhost", "-c", "local", "-i", "localhost,", "-o",
+                           "-m", "runbook.sqlite_app.sqlite_vacuum", "-a", args],
+                          capture_output=True, text=True, check=False, env=env)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        return {"error": (done.stdout + done.stderr).strip()[-2000:]}
+    return {"seconds": round(seconds, 3), "size_after": os.path.getsize(path)}
+
+
 def run_cli(sqlite3_bin: str, path: str) -> dict:
     started = time.perf_counter()
     done = subprocess.run([sqlite3_bin, path, "PRAGMA quick_check; VACUUM; ANALYZE; PRAGMA wal_checkpoint(PASSIVE);"],
@@ -92,6 +110,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size-mib", type=int, default=256, help="approximate database size (default 256)")
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir, removed afterwards)")
     parser.add_argument("--sqlite3", default=shutil.which("sqlite3"), help="sqlite3 CLI (default: from PATH)")
+    parser.add_argument("--ansible", default=shutil.which("ansible"),
+                        help="ansible CLI for the module method (default: from PATH; skipped when absent)")
     parser.add_argument("--runs", type=int, default=1, help="interleaved engine/CLI rounds (default 1)")
     parser.add_argument("--out", default=None, help="write the JSON here (default: stdout)")
     args = parser.parse_args(argv)
@@ -107,12 +127,15 @@ def main(argv=None) -> int:
             # a fresh copy of the freshly built database per method and run (same freelist every
             # time); the order alternates so neither method always runs second
             row = {}
-            order = ("engine", "sqlite3_cli") if run % 2 == 0 else ("sqlite3_cli", "engine")
+            order = ["engine", "sqlite3_cli"] + (["module"] if args.ansible else [])
+            order = order[run % len(order):] + order[:run % len(order)]  # rotate who goes first
             for name in order:
                 db = os.path.join(work, name + ".db")
                 shutil.copyfile(source, db)
                 if name == "engine":
                     row[name] = run_engine(engine, db)
+                elif name == "module":
+                    row[name] = run_module(args.ansible, db)
                 else:
                     row[name] = (run_cli(args.sqlite3, db) if args.sqlite3 else {"error": "sqlite3 CLI not found"})
                 for suffix in ("", "-wal", "-shm"):
@@ -120,6 +143,8 @@ def main(argv=None) -> int:
                         os.unlink(db + suffix)
             if row["sqlite3_cli"].get("seconds"):
                 row["engine_vs_cli"] = round(row["engine"]["seconds"] / row["sqlite3_cli"]["seconds"], 3)
+                if row.get("module", {}).get("seconds"):
+                    row["module_vs_cli"] = round(row["module"]["seconds"] / row["sqlite3_cli"]["seconds"], 3)
             runs.append(row)
         os.unlink(source)
         result = {
@@ -136,6 +161,9 @@ def main(argv=None) -> int:
         ratios = [row["engine_vs_cli"] for row in runs if "engine_vs_cli" in row]
         if ratios:
             result["engine_vs_cli"] = round(statistics.median(ratios), 3)
+        module_ratios = [row["module_vs_cli"] for row in runs if "module_vs_cli" in row]
+        if module_ratios:
+            result["module_vs_cli"] = round(statistics.median(module_ratios), 3)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.out:

@@ -5,7 +5,7 @@
 #   BENCH_QUICK=1     smoke run: 16 and 64 MiB, 1 round, 5 s app phases, 1-host fleet
 #   BENCH_RATE        steady writer commits/s during "under load" backups         (default 500)
 #   BENCH_GZIP_MAX_MIB  run compression=gzip up to this size                      (default 256)
-#   BENCH_VACUUM_SIZES_MIB  sizes for the sqlite_vacuum bench                     (default 256)
+#   BENCH_VACUUM_SIZES_MIB  sizes for the sqlite_vacuum bench                     (default 1024)
 #   BENCH_APP_MIB     database size for the app-under-load bench (default: largest size <= 1024)
 #   BENCH_APP_SECONDS seconds per app phase                                        (default 20)
 #   BENCH_FLEET       0 skips the container fleet bench (default: run it when docker and the lab image are there)
@@ -25,7 +25,7 @@ if [ "$quick" = 1 ]; then
     fleet_counts=${BENCH_FLEET_COUNTS:-"1"}; vacuum_sizes=${BENCH_VACUUM_SIZES_MIB:-"16"}
 else
     sizes=${BENCH_SIZES_MIB:-"64 256 1024 2048"}; runs=${BENCH_RUNS:-3}; app_seconds=${BENCH_APP_SECONDS:-20}
-    fleet_counts=${BENCH_FLEET_COUNTS:-"1 3 6 10"}; vacuum_sizes=${BENCH_VACUUM_SIZES_MIB:-"256"}
+    fleet_counts=${BENCH_FLEET_COUNTS:-"1 3 6 10"}; vacuum_sizes=${BENCH_VACUUM_SIZES_MIB:-"1024"}
 fi
 rate=${BENCH_RATE:-500}
 gzip_max=${BENCH_GZIP_MAX_MIB:-256}
@@ -60,7 +60,7 @@ started=$(date +%s)
 
 for size in $vacuum_sizes; do
     echo "bench: vacuum $size MiB"
-    PYTHONPATH="$BENCH_COLLECTION_ROOT" "$py" bench/bench_vacuum.py --size-mib "$size" --runs "$runs" \
+    PYTHONPATH="$BENCH_COLLECTION_ROOT" "$py" bench/bench_vacuum.py --size-mib "$size" --runs "$runs" --ansible "$root/.venv/bin/ansible" \
         --dir "$work" --out "$results/vacuum-$size.json"
 done
 
