@@ -26,6 +26,7 @@ import gzip
 import hashlib
 import json
 import os
+import queue
 import re
 import shutil
 import socket
@@ -409,6 +410,36 @@ class _Background:
         self._thread.join()
 
 
+class _HashThread:
+    """sha256 of a byte stream in a helper thread: the writer hands over each buffer it has just
+    written (bytes are immutable, so the buffer is the one written) and goes on writing while the
+    other core hashes. At most 16 buffers are in flight."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self._queue = queue.Queue(maxsize=16)
+        self._hex = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            self._digest.update(data)
+
+    def update(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def hexdigest(self) -> str:
+        if self._hex is None:
+            self._queue.put(None)
+            self._thread.join()
+            self._hex = self._digest.hexdigest()
+        return self._hex
+
+
 class _Flusher:
     """Writes dirty pages of a growing file back every ``every`` bytes (fdatasync in a thread).
 
@@ -606,7 +637,7 @@ def _write_archive(staged, compression: str, manifest_bytes: bytes, entries: lis
     """Write the set into ``staged``. For ``none`` returns the sha256 of exactly the bytes written
     (the sidecar digest, computed from the same buffers in the same pass); otherwise None."""
     sink, proc = _open_writer(staged, compression)
-    digest = hashlib.sha256() if compression == "none" else None
+    digest = _HashThread() if compression == "none" else None
 
     def put(data):
         sink.write(data)
@@ -617,6 +648,8 @@ def _write_archive(staged, compression: str, manifest_bytes: bytes, entries: lis
         _tar_stream(put, manifest_bytes, entries, workdir)
         sink.close()
     except OSError as exc:
+        if digest is not None:
+            digest.hexdigest()
         cause = describe_oserror(exc)
         if proc is not None:
             proc.kill()
@@ -624,6 +657,8 @@ def _write_archive(staged, compression: str, manifest_bytes: bytes, entries: lis
             cause = _zstd_error(proc) or cause
         raise RunbookError("%s: writing the set failed: %s" % (staged.path, cause)) from None
     except BaseException:
+        if digest is not None:
+            digest.hexdigest()
         if proc is not None:
             proc.kill()
             proc.wait()
