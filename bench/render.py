@@ -208,8 +208,10 @@ def main(argv=None) -> int:
         w("- **sqlite3 .backup** — `sqlite3 DB \".backup FILE\"` (step-wise online backup API).")
         w("- **VACUUM INTO** — `sqlite3 DB \"VACUUM INTO 'FILE'\"`.")
         w("- **engine none/zstd/gzip** — `python3 -c '...cli()' backup --config` (the systemd timer's "
-          "command): snapshot (one-step backup API), `quick_check`, hash, tar (+ compression), fsync, "
-          "read-back verification of the whole set, sidecar. gzip only up to %s." % (
+          "command): snapshot (one-step backup API into a scratch copy without journal or fsync), "
+          "`quick_check` in a thread while the snapshot is hashed and archived, tar (+ compression) written "
+          "back in 32 MiB steps, fsync, verification (none: sidecar digest of the bytes as written; zstd: "
+          "`zstd -t`; gzip: read-back of every member), sidecar. gzip only up to %s." % (
               "%d MiB" % max([b["size_mib"] for b in backups if b["idle"].get("engine_gzip")] or [0])))
         w("- **under a writer** — a separate process commits one small row per transaction "
           "(`BEGIN IMMEDIATE`/`INSERT`/`COMMIT`, `synchronous=NORMAL`) at %d commits/s and records each "
@@ -295,8 +297,9 @@ def main(argv=None) -> int:
         w("## 2. Restore and drill")
         w("")
         w("Restore of the set just written (engine `restore` with `dest_root` into an empty scratch "
-          "directory: sidecar sha256, member headers, member sha256s, extraction, `quick_check`, rename, "
-          "fsync) against `cp` + fsync of the database; `drill` (the same checks on a scratch copy plus row "
+          "directory, one pass: member headers, extraction into a temp file while its sha256 is compared with "
+          "the manifest, the set's sha256 against its sidecar in a second thread; then `quick_check`, fsync, "
+          "rename) against `cp` + fsync of the database; `drill` (the same checks on a scratch copy plus row "
           "counts, nothing live touched). Median seconds.")
         w("")
         w("| size | cp + fsync | restore (none set) | restore (zstd set) | drill (zstd set) | none / cp | zstd / cp |")

@@ -368,6 +368,9 @@ def test_name_parsing():
     assert bs.parse_set_name("backup-20260101T010203Z.tar")[2] == ""
     assert bs.parse_set_name("backup-2026.tar") is None
     assert bs.parse_set_name("backup-20260101T010203Z.tar.sha256") is None
+    assert bs.parse_set_name("backup-20261301T010203Z.tar") is None  # month 13
+    assert bs.parse_set_name("backup-20260101T250203Z.tar") is None  # hour 25
+    assert bs.parse_set_name("backup-20260229T000000Z.tar")[1] == calendar.timegm((2026, 3, 1, 0, 0, 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,20 +546,32 @@ def test_enospc_on_a_real_tiny_filesystem(tmp_path, tiny_mount):
     assert count(db) == 2000
 
 
-def test_enospc_while_writing_the_set(app, monkeypatch):
+@pytest.mark.parametrize("compression", ["none", "gzip", pytest.param("zstd", marks=needs_zstd)])
+def test_enospc_while_writing_the_set(app, monkeypatch, compression):
     root, dest = app
     real_open = bs._open_writer
 
     class Full:
-        def __init__(self, tar):
-            self.tar = tar
+        def __init__(self, sink):
+            self.sink = sink
+            self.left = 3  # fail a few writes in, after the manifest
 
-        def addfile(self, *args, **kwargs):
-            raise OSError(errno.ENOSPC, "No space left on device")
+        def write(self, data):
+            self.left -= 1
+            if self.left <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.sink.write(data)
 
-    monkeypatch.setattr(bs, "_open_writer", lambda staged, comp: (Full(real_open(staged, comp)[0]), None))
+        def close(self):
+            self.sink.close()
+
+    def full_open(staged, comp):
+        sink, proc = real_open(staged, comp)
+        return Full(sink), proc
+
+    monkeypatch.setattr(bs, "_open_writer", full_open)
     with pytest.raises(RunbookError, match="writing the set failed: no space left on device"):
-        bs.backup(params(root, dest, compression="gzip"))
+        bs.backup(params(root, dest, compression=compression))
     assert listing(dest) == [bs.LOCK_NAME]
 
 
@@ -924,3 +939,185 @@ def test_orphan_checksum_file_is_removed_by_the_next_backup(app):
     unrelated.write_text("x")
     bs.backup(params(root, dest))
     assert not orphan.exists() and unrelated.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the single-pass writer and reader
+
+
+def test_uncompressed_set_is_a_plain_tar_manifest_first_and_its_sidecar_matches(app, tmp_path):
+    root, dest = app
+    result = bs.backup(params(root, dest, compression="none"))
+    path = result["path"]
+    data = open(path, "rb").read()
+    assert len(data) % tarfile.RECORDSIZE == 0  # padded like tarfile pads
+    assert hashlib.sha256(data).hexdigest() == result["sha256"]  # digest of the bytes written, no read-back
+    out = subprocess.run(["sha256sum", "-c", result["name"] + ".sha256"], cwd=str(dest), capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    listed = subprocess.run(["tar", "-tvf", path], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert listed[0].split()[-1] == "manifest.json"
+    with tarfile.open(path) as tar:
+        manifest = json.load(tar.extractfile(bs.MANIFEST))
+        for member in manifest["members"]:
+            info = tar.getmember(member["member"])
+            if member["type"] in ("database", "file"):
+                assert hashlib.sha256(tar.extractfile(info).read()).hexdigest() == member["sha256"]
+                assert info.size == member["size"] and info.mode == member["mode"]
+            elif member["type"] == "symlink":
+                assert info.issym() and info.linkname == member["target"]
+            else:
+                assert info.isdir()
+    assert all(db["check"] == {"kind": "quick_check", "ok": True, "errors": []} for db in manifest["databases"])
+
+
+def test_sets_written_by_tarfile_still_restore(tmp_path):
+    """Sets of earlier versions were written by tarfile (manifest first, gzip or plain): same reader."""
+    src = tmp_path / "sets"
+    src.mkdir()
+    db = make_db(tmp_path / "orig.db", rows=20)
+    raw = open(db, "rb").read()
+    info = _info("databases/orig.db", size=len(raw))
+    path = write_set(src / "backup-20260101T000000Z.tar", [(info, raw)])
+    manifest = bs.verify_set(path)
+    manifest["members"][0].update(type="database", path=str(tmp_path / "restored" / "orig.db"), mode=0o600)
+    blob = json.dumps(manifest).encode()
+    with tarfile.open(path, "w:gz") as tar:  # what the old writer produced for compression=gzip
+        tar.addfile(_info(bs.MANIFEST, size=len(blob)), io.BytesIO(blob))
+        tar.addfile(info, io.BytesIO(raw))
+    gz = src / "backup-20260101T000000Z.tar.gz"
+    os.rename(path, str(gz))
+    os.unlink(path + ".sha256")
+    (src / (gz.name + ".sha256")).write_text("%s  %s\n" % (hashlib.sha256(gz.read_bytes()).hexdigest(), gz.name))
+    result = bs.restore({"src": str(src)})
+    assert result["restored"] == [str(tmp_path / "restored" / "orig.db")]
+    assert count(tmp_path / "restored" / "orig.db") == 20
+
+
+def test_flusher_writes_back_in_steps(tmp_path, monkeypatch):
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(bs.os, "fdatasync", lambda fd: (calls.append(fd), real(fd)))
+    path = tmp_path / "big"
+    with open(str(path), "wb") as handle:
+        flusher = bs._Flusher(handle.fileno(), every=64 * 1024, poll=0.001)
+        for _dummy in range(8):
+            handle.write(b"x" * 64 * 1024)
+            handle.flush()
+            time.sleep(0.02)
+        flusher.stop()
+    assert flusher.flushes >= 4 and len(calls) == flusher.flushes
+
+
+@pytest.mark.parametrize("compression", ["none", pytest.param("zstd", marks=needs_zstd)])
+def test_backup_writes_back_while_writing(app, monkeypatch, compression):
+    root, dest = app
+    conn = sqlite3.connect(str(root / "app.db"))
+    conn.executemany("INSERT INTO items (body) VALUES (?)", [(os.urandom(2048).hex(),) for dummy in range(4000)])
+    conn.commit()  # ~16 MiB that does not compress
+    conn.close()
+    monkeypatch.setattr(bs, "FLUSH_EVERY", 256 * 1024)
+    monkeypatch.setattr(bs, "FLUSH_POLL", 0.0005)
+    flushes = []
+    real = bs._Flusher.stop
+
+    def stop(self):
+        real(self)
+        flushes.append(self.flushes)
+
+    monkeypatch.setattr(bs._Flusher, "stop", stop)
+    result = bs.backup(params(root, dest, compression=compression))
+    assert bs.verify_set(result["path"])
+    assert max(flushes) >= 2
+
+
+def test_failed_snapshot_check_never_publishes(app, monkeypatch):
+    root, dest = app
+    monkeypatch.setattr(bs, "run_check", lambda conn, kind: (False, ["*** in database main *** Page 3: bad"]))
+    with pytest.raises(RunbookError, match=r"app\.db: quick_check of the snapshot failed, set not written: .*Page 3"):
+        bs.backup(params(root, dest, compression="none"))
+    assert set_files(dest) == []
+    assert not [n for n in listing(dest) if n.startswith(".runbook-tmp-")]
+
+
+@needs_zstd
+def test_zstd_set_failing_its_check_is_never_published(app, monkeypatch):
+    root, dest = app
+    real = bs._verify_zstd
+
+    def damage_then_verify(path, shown):
+        with open(path, "r+b") as handle:  # a bit flipped on the way to the disk
+            handle.seek(os.path.getsize(path) // 2)
+            byte = handle.read(1)
+            handle.seek(-1, os.SEEK_CUR)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+        real(path, shown)
+
+    monkeypatch.setattr(bs, "_verify_zstd", damage_then_verify)
+    with pytest.raises(RunbookError, match="verification of the written set failed, not published: zstd -t"):
+        bs.backup(params(root, dest, compression="zstd"))
+    assert set_files(dest) == []
+    assert not [n for n in listing(dest) if n.startswith(".runbook-tmp-")]
+
+
+def _tampered_set(src, live, content, intact):
+    """A set whose one database member names ``live``; ``intact`` False: the member's bytes do not
+    match the manifest (the sidecar is made for the damaged file, so only the member check sees it)."""
+    info = _info("databases/app.db", size=len(content))
+    path = write_set(src / "backup-20260101T000000Z.tar", [(info, content)], sidecar=False)
+    entry = {"member": "databases/app.db", "path": str(live), "type": "database", "size": len(content),
+             "sha256": hashlib.sha256(content).hexdigest(), "mode": 0o600}
+    blob = json.dumps({"format": 1, "members": [entry], "databases": []}).encode()
+    stored = content if intact else content[:-1] + bytes([content[-1] ^ 0xFF])
+    with tarfile.open(path, "w") as tar:
+        tar.addfile(_info(bs.MANIFEST, size=len(blob)), io.BytesIO(blob))
+        tar.addfile(info, io.BytesIO(stored))
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    (src / "backup-20260101T000000Z.tar.sha256").write_text("%s  x\n" % digest)
+    return path
+
+
+def test_single_pass_restore_refuses_a_tampered_member_before_touching_live_files(app, tmp_path):
+    root, dest = app
+    src = tmp_path / "bad-sets"
+    src.mkdir()
+    donor = make_db(tmp_path / "donor.db", rows=5)
+    content = open(donor, "rb").read()
+    _tampered_set(src, root / "app.db", content, intact=False)
+    before = (root / "app.db").read_bytes()
+    with pytest.raises(RunbookError, match=r"member databases/app\.db does not match its sha256"):
+        bs.restore({"src": str(src), "force": True})
+    assert (root / "app.db").read_bytes() == before
+    assert not [n for n in listing(root) if n.startswith(".runbook-tmp-") or ".pre-restore-" in n]
+    # the same into a fresh root: the directories the pass made for its temp files are gone again
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RunbookError, match="does not match its sha256"):
+        bs.restore({"src": str(src), "dest_root": str(fresh)})
+    assert not fresh.exists()
+    # intact: restores
+    os.unlink(str(src / "backup-20260101T000000Z.tar"))
+    _tampered_set(src, root / "app.db", content, intact=True)
+    result = bs.restore({"src": str(src), "dest_root": str(fresh)})
+    assert count(fresh / str(root / "app.db").lstrip("/")) == 5
+    assert result["restored"] == [str(fresh / str(root / "app.db").lstrip("/"))]
+
+
+def test_sidecar_mismatch_is_reported_first_even_when_members_are_bad(app, tmp_path):
+    root, dest = app
+    src = tmp_path / "bad-sets"
+    src.mkdir()
+    content = open(make_db(tmp_path / "donor.db", rows=5), "rb").read()
+    _tampered_set(src, root / "app.db", content, intact=False)
+    (src / "backup-20260101T000000Z.tar.sha256").write_text("%s  x\n" % ("b" * 64))
+    with pytest.raises(RunbookError, match="sha256 mismatch"):
+        bs.restore({"src": str(src), "force": True})
+
+
+def test_drill_single_pass(backed_up, tmp_path):
+    root, dest, result = backed_up
+    drill = tmp_path / "drill"
+    drill.mkdir()
+    out = bs.restore({"src": str(dest), "mode": "drill", "drill_dir": str(drill)})
+    assert out["drilled"] == ["app.db", "tokens.db"] and out["row_counts"]["app.db"]["items"] == 50
+    assert out["manifest"]["name"] == result["name"]
+    assert listing(drill) == []
