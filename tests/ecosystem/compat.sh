@@ -34,7 +34,8 @@ one_line() {
         "$venv/bin/ansible-test" --version >/dev/null || { echo "compat $v: install failed" >&2; return 1; }
         echo "$v" >"$venv/.line"
     fi
-    echo "compat $v: $("$venv/bin/ansible" --version | head -1)"
+    # sed reads all of it: head would close the pipe and ansible prints a BrokenPipeError traceback.
+    echo "compat $v: $("$venv/bin/ansible" --version | sed -n 1p)"
     # ansible-test downloads a get-pip script for its sanity venvs; each ansible-test pins its
     # own pip version, so the stand-in is installed under that version's cache name.
     local pip_version
