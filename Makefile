@@ -6,9 +6,9 @@ SHELL := /bin/bash
 
 help:
 	@echo "make demo   - run the collection's playbooks on a sample app in ./demo (localhost, no root)"
-	@echo "make test   - lint, sanity, units, integration and molecule: everything CI runs"
+	@echo "make test   - lint, sanity, units, integration, reliability, ecosystem, compat, molecule: everything CI runs"
 	@echo "make bench  - benchmarks; writes docs/BENCHMARKS.md"
-	@echo "make compat - units and sanity on ansible-core 2.17 and 2.18 (slow; not part of make test)"
+	@echo "make compat - all units and the version-sensitive sanity tests on ansible-core 2.17 and 2.18 (make test runs the engines' units there)"
 	@echo "make build  - ansible-galaxy collection build"
 
 demo:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything CI runs, in one command (make test): lint, sanity, units, integration, molecule.
+# Everything CI runs, in one command (make test): lint, sanity, units, integration, reliability,
+# ecosystem, compat (ansible-core 2.17/2.18, quick), molecule.
 # Stages: pass names to run some (tools/test.sh lint units); default: all.
 # Ends with a "test: N passed, N failed" line counting stages.
 set -uo pipefail
@@ -8,7 +9,7 @@ cd "$root"
 export PATH="$root/.venv/bin:$PATH"
 export NO_COLOR=1 PY_COLORS=0 ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(lint sanity units integration reliability ecosystem molecule)
+[ ${#stages[@]} -gt 0 ] || stages=(lint sanity units integration reliability ecosystem compat molecule)
 
 bash tools/venv.sh || exit 1
 tree=$(bash tools/collection-tree.sh) || exit 1
@@ -37,8 +38,15 @@ stage_reliability() {
     (cd "$tree" && PYTHONPATH="$root/build" python -m pytest -q -p no:cacheprovider tests/reliability)
 }
 stage_ecosystem() {
-    # Release hygiene, AWX/ansible-runner, docs and metrics checks: tests/ecosystem/run.sh.
+    # Release hygiene, AWX/ansible-runner, docs and metrics checks: tests/ecosystem/run.sh. Its
+    # awx-hosts check runs upgrade and disaster recovery on lab containers: docker and the image first.
+    bash tools/dockerd.sh && bash tools/lab-image.sh || return 1
     bash tests/ecosystem/run.sh
+}
+stage_compat() {
+    # Units (engines) and version-sensitive sanity tests on ansible-core 2.17 and 2.18; make compat
+    # runs the full units there.
+    bash tests/ecosystem/compat.sh --quick
 }
 stage_molecule() {
     bash tools/dockerd.sh && bash tools/lab-image.sh || return 1
@@ -53,18 +61,46 @@ stage_molecule() {
 passed=0
 failed=0
 failed_names=()
-for stage in "${stages[@]}"; do
-    start=$(date +%s)
-    echo "=== $stage ==="
-    if "stage_$stage"; then
+# compat is pip, pytest and ansible-test on this machine; molecule mostly waits on containers. When
+# both are asked for, compat runs in the background during molecule (RUNBOOK_TEST_SERIAL=1: in turn).
+compat_bg=0
+if [ "${RUNBOOK_TEST_SERIAL:-0}" != 1 ] && printf '%s\n' "${stages[@]}" | grep -qx compat \
+    && printf '%s\n' "${stages[@]}" | grep -qx molecule; then
+    compat_bg=1
+fi
+compat_pid=""
+compat_log="$root/build/compat-stage.log"
+compat_start=0
+finish() {  # finish STAGE START RC
+    if [ "$3" = 0 ]; then
         passed=$((passed + 1))
-        echo "=== $stage: ok ($(( $(date +%s) - start )) s) ==="
+        echo "=== $1: ok ($(( $(date +%s) - $2 )) s) ==="
     else
         failed=$((failed + 1))
-        failed_names+=("$stage")
-        echo "=== $stage: FAILED ($(( $(date +%s) - start )) s) ==="
+        failed_names+=("$1")
+        echo "=== $1: FAILED ($(( $(date +%s) - $2 )) s) ==="
     fi
+}
+for stage in "${stages[@]}"; do
+    [ "$stage" = compat ] && [ "$compat_bg" = 1 ] && continue
+    if [ "$stage" = molecule ] && [ "$compat_bg" = 1 ]; then
+        compat_start=$(date +%s)
+        echo "=== compat: started in the background during molecule (log: $compat_log) ==="
+        stage_compat >"$compat_log" 2>&1 &
+        compat_pid=$!
+    fi
+    start=$(date +%s)
+    echo "=== $stage ==="
+    "stage_$stage"
+    finish "$stage" "$start" $?
 done
+if [ -n "$compat_pid" ]; then
+    wait "$compat_pid"
+    rc=$?
+    echo "=== compat (background) ==="
+    cat "$compat_log"
+    finish compat "$compat_start" $rc
+fi
 [ "$failed" = 0 ] || echo "failed stages: ${failed_names[*]}"
 echo "test: $passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -5,9 +5,15 @@
 #             a playbook run by FQCN from the installed copy
 #   awx       ansible-runner runs the AWX project's wrapper playbooks (examples/awx) the way AWX does,
 #             and its artifacts are read: status, rc, playbook_on_stats
+#   awx-hosts upgrade and disaster_recovery (in_place, fresh_host) under ansible-runner against
+#             systemd containers from the lab image (docker connection): deploy 1, upgrade to 2,
+#             backup with an off-host copy, in-place recovery, fresh-host recovery; artifacts read,
+#             the result checked after each job. Runs in the background alongside the other checks.
 #   metrics   the metrics files those runs wrote parse as Prometheus text, and the alert rules
-#             (examples/prometheus/alerts.yml) use only metric names the engines emit
-#   ee        ansible-builder create accepts meta/execution-environment.yml
+#             (examples/prometheus/alerts.yml) use only metric names the engines emit; promtool
+#             check rules, and promtool test rules (examples/prometheus/alerts_test.yml)
+#   ee        ansible-builder create accepts execution-environment.yml, and another EE's introspection
+#             of the installed collection finds its Python and system dependencies
 #   awx-code  examples/awx/configure_awx.yml and the wrappers pass syntax-check (ansible-lint: lint stage)
 #   summary   which runbook playbooks end with a summary for people (report only)
 # Runs from the repo root with the venv on PATH (tools/test.sh). Prints one line per check with its
@@ -24,7 +30,20 @@ python=$(command -v python)
 export ANSIBLE_COLLECTIONS_PATH="${ANSIBLE_COLLECTIONS_PATH:-$root/build}"
 [ -d "$root/build/ansible_collections/runbook/sqlite_app" ] || bash tools/collection-tree.sh >/dev/null || exit 1
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/runbook-ecosystem.XXXXXX")
-[ "${RUNBOOK_ECOSYSTEM_KEEP:-0}" = 1 ] || trap 'rm -rf "$tmp"' EXIT
+# Containers the awx-hosts check starts; on exit they always go, the temp directory unless kept.
+# Names end in -$$ ($$ is the same in the background subshell), so the parent finds them all.
+remove_containers() {
+    command -v docker >/dev/null 2>&1 || return 0
+    local ids
+    ids=$(docker ps -aq --filter "name=^runbook-eco-[a-z]+-$$\$" 2>/dev/null)
+    [ -z "$ids" ] || docker rm -f $ids >/dev/null 2>&1 || true
+}
+cleanup() {
+    remove_containers
+    [ "${RUNBOOK_ECOSYSTEM_KEEP:-0}" = 1 ] || rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 log="$tmp/logs"
 mkdir -p "$log"
 version=$(sed -n 's/^version: //p' galaxy.yml)
@@ -164,7 +183,7 @@ check_release() {
     bad=$(cat "$log/tarball.txt" | grep -E '^(\./)?(\.venv|build|build-[^/]*|demo|\.git|\.cache|\.ruff_cache|\.pytest_cache|tests/output|bench/results)(/|$)|__pycache__|\.pyc$|\.tar\.gz$' | head -5)
     if [ -n "$bad" ]; then fail "the tarball ships files it must not: $bad"; rc=1
     else ok "tarball holds no .venv, build*, demo, .git, caches, tests/output, bench/results, __pycache__"; fi
-    for f in MANIFEST.json FILES.json meta/runtime.yml meta/execution-environment.yml meta/ee-requirements.txt \
+    for f in MANIFEST.json FILES.json meta/runtime.yml execution-environment.yml meta/execution-environment.yml meta/ee-requirements.txt \
         meta/ee-bindep.txt plugins/modules/sqlite_backup.py roles/backup/meta/argument_specs.yml playbooks/deploy.yml \
         playbooks/vars/app.yml changelogs/config.yaml; do
         grep -qx "$f" "$log/tarball.txt" || { fail "the tarball lacks $f"; rc=1; }
@@ -190,6 +209,52 @@ check_release() {
         fail "ansible-playbook runbook.sqlite_app.deploy from the installed copy"; tail -30 "$log/release-deploy.log"; rc=1
     fi
     return $rc
+}
+
+# runner_artifacts DIR PLAYBOOK [IDENT]: what AWX reads after a job, from ansible-runner's artifacts directory:
+# status successful, rc 0, and a playbook_on_stats event with no failures or unreachable hosts.
+runner_artifacts() {
+    "$python" - "$1" "$2" "${3:-}" <<'PY'
+import glob, json, os, sys
+art, pb, ident = sys.argv[1], sys.argv[2], sys.argv[3]
+if ident:
+    pb = "%s.yml (ident %s)" % (pb, ident)
+else:
+    pb += ".yml"
+def read(name):
+    try:
+        return open(os.path.join(art, name)).read().strip()
+    except OSError as exc:
+        return "(missing: %s)" % exc.strerror
+status, rc = read("status"), read("rc")
+events = sorted(glob.glob(os.path.join(art, "job_events", "*.json")))
+stats = None
+for path in events:
+    event = json.load(open(path))
+    if event.get("event") == "playbook_on_stats":
+        stats = event["event_data"]
+problems = []
+if status != "successful":
+    problems.append("status %s" % status)
+if rc != "0":
+    problems.append("rc %s" % rc)
+if stats is None:
+    problems.append("no playbook_on_stats event")
+else:
+    for key in ("failures", "dark"):
+        if stats.get(key):
+            problems.append("%s %s" % (key, stats[key]))
+    if not stats.get("ok"):
+        problems.append("no ok task")
+if problems:
+    stdout = read("stdout").splitlines()
+    print("  FAIL: ansible-runner %s: %s" % (pb, "; ".join(problems)))
+    print("\n".join("  | " + line for line in stdout[-40:]))
+    sys.exit(1)
+hosts = " ".join("%s ok=%s changed=%s" % (h, n, stats.get("changed", {}).get(h, 0)) for h, n in sorted(stats["ok"].items()))
+print("  ok: ansible-runner %s: status successful, rc 0, playbook_on_stats %s, no failures (%d job events)"
+      % (pb, hosts, len(events)))
+PY
 }
 
 # 3. AWX the way AWX runs it: ansible-runner, a private data dir, the examples/awx wrappers ---------
@@ -251,42 +316,7 @@ EOF
     for pb in deploy backup maintenance rotate_secrets renew_certs drill; do
         ident="eco-$pb"
         run_quiet "runner-$pb" ansible-runner run "$runner_dir" -p "$pb.yml" --ident "$ident" || true
-        "$python" - "$runner_dir/artifacts/$ident" "$pb" <<'PY' || rc=1
-import glob, json, os, sys
-art, pb = sys.argv[1], sys.argv[2]
-def read(name):
-    try:
-        return open(os.path.join(art, name)).read().strip()
-    except OSError as exc:
-        return "(missing: %s)" % exc.strerror
-status, rc = read("status"), read("rc")
-stats = None
-for path in sorted(glob.glob(os.path.join(art, "job_events", "*.json"))):
-    event = json.load(open(path))
-    if event.get("event") == "playbook_on_stats":
-        stats = event["event_data"]
-problems = []
-if status != "successful":
-    problems.append("status %s" % status)
-if rc != "0":
-    problems.append("rc %s" % rc)
-if stats is None:
-    problems.append("no playbook_on_stats event")
-else:
-    for key in ("failures", "dark"):
-        if stats.get(key):
-            problems.append("%s %s" % (key, stats[key]))
-    if not stats.get("ok"):
-        problems.append("no ok task")
-if problems:
-    stdout = read("stdout").splitlines()
-    print("  FAIL: ansible-runner %s.yml: %s" % (pb, "; ".join(problems)))
-    print("\n".join("  | " + line for line in stdout[-40:]))
-    sys.exit(1)
-print("  ok: ansible-runner %s.yml: status successful, rc 0, playbook_on_stats ok=%s changed=%s failures=%s "
-      "(%d job events)" % (pb, stats["ok"].get("localhost"), stats.get("changed", {}).get("localhost", 0),
-                           stats.get("failures") or 0, len(glob.glob(os.path.join(art, "job_events", "*.json")))))
-PY
+        runner_artifacts "$runner_dir/artifacts/$ident" "$pb" || rc=1
     done
     # What the runs left behind, read back.
     [ "$(sqlite3 "$app/.data/app.db" 'PRAGMA journal_mode;' 2>/dev/null || "$python" -c \
@@ -300,9 +330,177 @@ PY
     return $rc
 }
 
+# 3b. upgrade and disaster recovery the way AWX runs them, against systemd containers -------------
+# The awx check runs on this machine, which has no systemd service to upgrade and no second host.
+# Here three lab containers (tools/lab-image.sh) are the inventory, reached with the docker
+# connection: an app host, a store host for the off-host copy, and a fresh host for fresh_host.
+# Containers are runbook-eco-<role>-<pid>: other checks' and molecule's names never collide.
+# app_get CONTAINER PATH: the sample app's JSON answer, from inside the container (network none).
+app_get() { docker exec "$1" curl -sf "http://127.0.0.1:8080$2"; }
+app_bodies() {
+    app_get "$1" /items | "$python" -c 'import json,sys; print(" ".join(sorted(i["body"] for i in json.load(sys.stdin))))'
+}
+check_awx_hosts() {
+    # build/ (the tree molecule uses), not the release check's install: this check may run alongside it.
+    local rc=0 run="$tmp/runner-hosts" dist="$tmp/dist-app" colls="$root/build" c role
+    local image="${RUNBOOK_LAB_IMAGE:-runbook-sqlite-app-lab:bookworm}"
+    { bash tools/dockerd.sh && bash tools/lab-image.sh; } >"$log/lab.log" 2>&1 \
+        || { fail "docker or the lab image is not available"; tail -5 "$log/lab.log"; return 1; }
+    declare -A ctr=()
+    for role in app store fresh; do
+        c="runbook-eco-$role-$$"
+        ctr[$role]=$c
+        docker rm -f "$c" >/dev/null 2>&1 || true
+        # The flags of .config/molecule/config.yml: systemd as PID 1 without --privileged, no network.
+        docker run -d --name "$c" --hostname "eco-$role" --cap-add SYS_ADMIN --security-opt seccomp=unconfined \
+            --cgroupns host -v /sys/fs/cgroup:/sys/fs/cgroup:rw --tmpfs /run --tmpfs /tmp --network none \
+            "$image" /lib/systemd/systemd >"$log/docker-run-$role.log" 2>&1 \
+            || { fail "docker run $c"; cat "$log/docker-run-$role.log"; remove_containers; return 1; }
+    done
+    # The release archives, built the way molecule/runbook's prepare builds them; meanwhile systemd boots.
+    for v in 1 2; do
+        bash examples/sample_app/make-release.sh "$v" "$dist" >>"$log/make-release.log" 2>&1 \
+            || { fail "make-release.sh $v"; cat "$log/make-release.log"; remove_containers; return 1; }
+    done
+    for role in app store fresh; do
+        local state="" i
+        for i in $(seq 1 60); do
+            state=$(docker exec "${ctr[$role]}" busctl get-property org.freedesktop.systemd1 /org/freedesktop/systemd1 \
+                org.freedesktop.systemd1.Manager SystemState 2>/dev/null)
+            [[ $state == 's "running"' || $state == 's "degraded"' ]] && break
+            sleep 1
+        done
+        [[ $state == 's "running"' || $state == 's "degraded"' ]] \
+            || { fail "systemd in ${ctr[$role]} is '$state' after 60 s"; remove_containers; return 1; }
+    done
+    ok "containers ${ctr[app]}, ${ctr[store]}, ${ctr[fresh]} up with systemd"
+
+    # The private data dir AWX writes for a job: the project (examples/awx), the inventory (AWX's
+    # inventory with its group vars), env/ (the job's extra vars, its environment, its settings).
+    mkdir -p "$run"/{env,inventory,project}
+    cp -r examples/awx/*.yml "$run/project/"
+    cat >"$run/inventory/hosts.yml" <<INV
+all:
+  vars:
+    # docker_api talks to the engine's API: no docker CLI process per task.
+    ansible_connection: community.docker.docker_api
+    ansible_python_interpreter: /usr/bin/python3
+    sqlite_app_name: ecoapp
+    sqlite_app_root: /srv/ecoapp
+    sqlite_app_data_subdirs: [certs, artifacts]
+    sqlite_app_databases: [app.db]
+    sqlite_app_secrets:
+      - {name: HMAC_SECRET, format: hex, bytes: 32, max_age_days: 90}
+    sqlite_app_tls: false
+    app_exec: /usr/bin/python3 /srv/ecoapp/current/sample_app.py serve
+    app_migrate_command: /usr/bin/python3 /srv/ecoapp/current/sample_app.py migrate
+    app_migrate_unchanged_regex: nothing to migrate
+    app_migrate_on_deploy: true
+    app_health_retries: 10
+    backup_keep_last: 5
+  children:
+    apps:
+      hosts:
+        eco-app: {ansible_host: ${ctr[app]}, backup_offhost_host: eco-store}
+    store:
+      hosts:
+        eco-store: {ansible_host: ${ctr[store]}}
+    fresh:
+      hosts:
+        eco-fresh: {ansible_host: ${ctr[fresh]}}
+INV
+    cat >"$run/env/envvars" <<ENV
+---
+ANSIBLE_COLLECTIONS_PATH: "$colls"
+ANSIBLE_NOCOLOR: "1"
+ANSIBLE_PIPELINING: "1"
+ANSIBLE_DISPLAY_SKIPPED_HOSTS: "false"
+ENV
+    printf -- '---\njob_timeout: 600\nidle_timeout: 300\n' >"$run/env/settings"
+    # job DIR PLAYBOOK IDENT JSON: one AWX job in private data dir DIR: its extra vars (template vars
+    # and survey answers) are env/extravars; then the artifacts are read.
+    job() {
+        printf '%s\n' "$4" >"$1/env/extravars"
+        run_quiet "runner-$3" ansible-runner run "$1" -p "$2" --ident "$3" || true
+        runner_artifacts "$1/artifacts/$3" "${2%.yml}" "$3"
+    }
+    stats() { app_get "$1" /stats | "$python" -c 'import json,sys;d=json.load(sys.stdin);print(d["version"], d["schema"], d["items"])'; }
+    local v1="{\"sqlite_app_hosts\": \"apps\", \"app_version\": \"1\", \"app_archive_src\": \"$dist/sample-app-1.tar.gz\"}"
+    local v2="{\"sqlite_app_hosts\": \"apps\", \"app_version\": \"2\", \"app_archive_src\": \"$dist/sample-app-2.tar.gz\"}"
+    local got want n
+
+    # deploy release 1, then data through the app.
+    if job "$run" deploy.yml eco-hosts-deploy "$v1" && [ "$(stats "${ctr[app]}" | cut -d' ' -f1)" = 1 ]; then
+        for n in 1 2 3; do
+            docker exec "${ctr[app]}" curl -sf -X POST -H 'Content-Type: application/json' \
+                -d "{\"body\": \"row-$n\"}" http://127.0.0.1:8080/items >/dev/null || { fail "POST /items"; rc=1; }
+        done
+        ok "deploy: release 1 answers on the app host; 3 rows written through the app"
+    else
+        fail "deploy of release 1 (the other jobs need it)"; remove_containers; return 1
+    fi
+
+    # upgrade to 2: migration to schema 2, data kept.
+    want=$(app_bodies "${ctr[app]}")
+    if job "$run" upgrade.yml eco-hosts-upgrade "$v2"; then
+        got=$(stats "${ctr[app]}")
+        [ "$got" = "2 2 3" ] && [ "$(app_bodies "${ctr[app]}")" = "$want" ] \
+            && ok "upgrade: version 2, schema 2, the 3 rows kept" || { fail "after upgrade: version schema items = '$got'"; rc=1; }
+    else
+        rc=1
+    fi
+
+    # backup with the off-host copy on the store host.
+    if job "$run" backup.yml eco-hosts-backup '{"sqlite_app_hosts": "apps"}'; then
+        got=$(docker exec "${ctr[store]}" sh -c 'cd /var/backups/ecoapp && for s in *.sha256; do sha256sum --check --strict "$s" >/dev/null && echo "${s%.sha256}"; done' 2>/dev/null)
+        [ -n "$got" ] && ok "backup: the off-host copy on the store host passes sha256sum --check: $(echo $got)" \
+            || { fail "no verified set on ${ctr[store]}:/var/backups/ecoapp"; rc=1; }
+    else
+        rc=1
+    fi
+
+    # The two recoveries touch different hosts, so they run at once, each in its own private data dir
+    # (as two AWX jobs would). in_place: a write made after the backup must be gone afterwards.
+    # fresh_host: the fresh container gets release 2 and the off-host set; no timers there
+    # (sqlite_app_schedule=false: the deploy job installed them once, molecule/runbook's recovery does too).
+    docker exec "${ctr[app]}" curl -sf -X POST -H 'Content-Type: application/json' \
+        -d '{"body": "bad-write"}' http://127.0.0.1:8080/items >/dev/null || { fail "POST /items"; rc=1; }
+    mkdir -p "$run-fresh"
+    cp -r "$run/env" "$run/inventory" "$run/project" "$run-fresh/"
+    job "$run" disaster_recovery.yml eco-hosts-dr-in-place \
+        '{"sqlite_app_hosts": "apps", "sqlite_app_dr_mode": "in_place"}' >"$log/job-in-place.out" 2>&1 &
+    local in_place_pid=$!
+    job "$run-fresh" disaster_recovery.yml eco-hosts-dr-fresh-host "{\"sqlite_app_hosts\": \"fresh\",
+        \"sqlite_app_dr_mode\": \"fresh_host\", \"sqlite_app_dr_source_host\": \"eco-store\",
+        \"sqlite_app_dr_stage\": \"$tmp/dr-stage\", \"sqlite_app_schedule\": false, \"app_version\": \"2\",
+        \"app_archive_src\": \"$dist/sample-app-2.tar.gz\"}" >"$log/job-fresh-host.out" 2>&1
+    local fresh_rc=$?
+    wait "$in_place_pid"
+    local in_place_rc=$?
+    cat "$log/job-in-place.out"
+    if [ "$in_place_rc" = 0 ]; then
+        [ "$(app_bodies "${ctr[app]}")" = "$want" ] && ok "disaster_recovery in_place: the backup's rows ($want) are back, bad-write is gone" \
+            || { fail "after in_place: rows '$(app_bodies "${ctr[app]}")', want '$want'"; rc=1; }
+    else
+        rc=1
+    fi
+    cat "$log/job-fresh-host.out"
+    if [ "$fresh_rc" = 0 ]; then
+        got=$(stats "${ctr[fresh]}")
+        [ "$got" = "2 2 3" ] && [ "$(app_bodies "${ctr[fresh]}")" = "$want" ] \
+            && ok "disaster_recovery fresh_host: the fresh host serves version 2 with the backup's rows ($want)" \
+            || { fail "after fresh_host: version schema items = '$got', rows '$(app_bodies "${ctr[fresh]}")', want '$want'"; rc=1; }
+    else
+        rc=1
+    fi
+    remove_containers
+    return $rc
+}
+
 # 4. Metrics: the textfiles parse, the alert rules use only emitted names -------------------------
 check_metrics() {
-    "$python" - "$tmp/textfile" examples/prometheus/alerts.yml <<'PY'
+    local rc=0
+    "$python" - "$tmp/textfile" examples/prometheus/alerts.yml <<'PY' || rc=1
 import glob, os, re, sys
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -385,35 +583,62 @@ for want in ("runbook_sqlite_backup_last_success_timestamp_seconds", "runbook_sq
         fail("no alert uses %s" % want)
 if "runbook_sqlite_tls_not_after_timestamp_seconds" not in open(rules_path).read():
     fail("no certificate expiry alert")
-print("  ok: %s: %d alerts, structure and metric names checked (no promtool here): %s"
+print("  ok: %s: %d alerts, structure and metric names checked: %s"
       % (rules_path, len(alerts), "; ".join(alerts)))
 sys.exit(rc)
 PY
+    # Prometheus' own parser and rule evaluation (.ci/run installs Debian's prometheus package).
+    if ! command -v promtool >/dev/null 2>&1; then
+        fail "promtool not found: apt-get install prometheus (Debian's package ships it), or run .ci/run"
+        return 1
+    fi
+    if run_quiet promtool-check promtool check rules examples/prometheus/alerts.yml; then
+        ok "promtool check rules examples/prometheus/alerts.yml: $(grep -o 'SUCCESS.*' "$log/promtool-check.log")"
+    else
+        fail "promtool check rules examples/prometheus/alerts.yml"; rc=1
+    fi
+    # Unit tests: series under the engines' metric names; each alert fires when it must, not before.
+    if run_quiet promtool-test promtool test rules examples/prometheus/alerts_test.yml; then
+        ok "promtool test rules examples/prometheus/alerts_test.yml: $(grep -c 'alertname:' examples/prometheus/alerts_test.yml) alert evaluations pass ($(promtool --version 2>&1 | head -1 | cut -d' ' -f1-3))"
+    else
+        fail "promtool test rules examples/prometheus/alerts_test.yml"; rc=1
+    fi
+    return $rc
 }
 
 # 5. Execution environment ------------------------------------------------------------------------
 check_ee() {
-    local rc=0 ctx="$tmp/ee-context"
-    run_quiet ee-create ansible-builder create -f meta/execution-environment.yml -c "$ctx" \
-        || { fail "ansible-builder create -f meta/execution-environment.yml"; return 1; }
+    local rc=0 ctx="$tmp/ee-context" coll="$installed/ansible_collections/runbook/sqlite_app" consumer="$tmp/ee-consumer"
+    run_quiet ee-create ansible-builder create -f execution-environment.yml -c "$ctx" \
+        || { fail "ansible-builder create -f execution-environment.yml"; return 1; }
     [ -f "$ctx/Containerfile" ] || [ -f "$ctx/Dockerfile" ] || { fail "no Containerfile/Dockerfile in $ctx"; return 1; }
     grep -qx "cryptography>=41.0" "$ctx/_build/requirements.txt" || { fail "cryptography not in the EE's requirements"; rc=1; }
     for pkg in sqlite3 zstd age; do
         grep -q "^$pkg " "$ctx/_build/bindep.txt" || { fail "$pkg not in the EE's bindep"; rc=1; }
     done
     grep -q "runbook.sqlite_app" "$ctx/_build/requirements.yml" || { fail "runbook.sqlite_app not in the EE's collections"; rc=1; }
-    [ $rc = 0 ] && ok "ansible-builder $(ansible-builder --version) create: context with cryptography, sqlite3, zstd, age, runbook.sqlite_app"
-    # A consumer's EE introspects the installed collection's meta/execution-environment.yml and reads
-    # dependencies.python/system relative to the collection ROOT (schema 3 reads them relative to
-    # meta/). Report whether that resolves.
-    local coll="$installed/ansible_collections/runbook/sqlite_app"
-    [ -d "$coll" ] || coll="$root"
-    if "$python" "$ctx/_build/scripts/introspect.py" introspect "$(dirname "$(dirname "$(dirname "$coll")")")" \
-        >"$log/ee-introspect.log" 2>&1; then
-        ok "ansible-builder introspection of the installed collection: $(tr '\n' ' ' <"$log/ee-introspect.log" | cut -c1-200)"
+    [ $rc = 0 ] && ok "ansible-builder $(ansible-builder --version) create -f execution-environment.yml: context with cryptography, sqlite3, zstd, age, runbook.sqlite_app"
+    # Another team's EE that lists runbook.sqlite_app in its galaxy requirements: ansible-builder
+    # introspects the installed collection (its meta/execution-environment.yml, paths relative to the
+    # collection root) and must find our Python and system dependencies. The installed copy comes
+    # from the release check's tarball; standalone, from build/.
+    [ -f "$coll/MANIFEST.json" ] || coll="$root/build/ansible_collections/runbook/sqlite_app"
+    rm -rf "$consumer"; mkdir -p "$consumer/ansible_collections/runbook"
+    cp -r "$coll" "$consumer/ansible_collections/runbook/sqlite_app"
+    if run_quiet ee-introspect ansible-builder introspect "$consumer" \
+        --write-pip "$tmp/ee-introspect-requirements.txt" --write-bindep "$tmp/ee-introspect-bindep.txt"; then
+        local missing=()
+        grep -q "^cryptography>=41.0.*runbook.sqlite_app" "$tmp/ee-introspect-requirements.txt" || missing+=(cryptography)
+        for pkg in sqlite3 zstd age; do
+            grep -q "^$pkg .*runbook.sqlite_app" "$tmp/ee-introspect-bindep.txt" || missing+=("$pkg")
+        done
+        if [ ${#missing[@]} = 0 ]; then
+            ok "ansible-builder introspect of the installed collection finds cryptography, sqlite3, zstd, age"
+        else
+            fail "ansible-builder introspect of the installed collection lacks ${missing[*]}"; rc=1
+        fi
     else
-        echo "  WARN (not failing): a consumer EE's introspection of the installed collection fails:" \
-            "$(grep -m1 -E 'Error|not present' "$log/ee-introspect.log")"
+        fail "ansible-builder introspect of the installed collection (a consumer's EE build would stop here)"; rc=1
     fi
     return $rc
 }
@@ -484,8 +709,24 @@ PY
 
 echo "ecosystem: runbook.sqlite_app $version, $(ansible --version 2>/dev/null | sed -n 1p), temp $tmp"
 checks=("$@")
-[ ${#checks[@]} -gt 0 ] || checks=(docs release awx metrics ee awx-code summary)
-for c in "${checks[@]}"; do check "$c"; done
+[ ${#checks[@]} -gt 0 ] || checks=(docs release awx awx-hosts metrics ee awx-code summary)
+# awx-hosts mostly waits on containers (docker round trips, systemd, health retries): it runs in the
+# background while the other checks run, its output shown when it ends. RUNBOOK_ECOSYSTEM_SERIAL=1
+# runs every check in turn.
+bg_pid=""
+if [ "${RUNBOOK_ECOSYSTEM_SERIAL:-0}" != 1 ] && [ ${#checks[@]} -gt 1 ] && printf '%s\n' "${checks[@]}" | grep -qx awx-hosts; then
+    echo "--- awx-hosts: started in the background"
+    ( passed=0 failed=0; check awx-hosts >"$log/check-awx-hosts.out" 2>&1; [ "$failed" = 0 ] ) &
+    bg_pid=$!
+fi
+for c in "${checks[@]}"; do
+    [ -n "$bg_pid" ] && [ "$c" = awx-hosts ] && continue
+    check "$c"
+done
+if [ -n "$bg_pid" ]; then
+    if wait "$bg_pid"; then passed=$((passed + 1)); else failed=$((failed + 1)); failed_names+=(awx-hosts); fi
+    cat "$log/check-awx-hosts.out"
+fi
 [ "$failed" = 0 ] || echo "failed checks: ${failed_names[*]}"
 echo "ecosystem: $passed passed, $failed failed"
 [ "$failed" = 0 ]
