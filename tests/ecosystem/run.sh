@@ -262,8 +262,10 @@ runner_dir="$tmp/runner"
 check_awx() {
     local rc=0 pb ident app="$tmp/awx-app" colls="$installed"
     [ -f "$colls/ansible_collections/runbook/sqlite_app/MANIFEST.json" ] || colls="$root/build"
-    # The backup playbook creates its destination and the drill its scratch directory.
-    mkdir -p "$runner_dir"/{env,inventory,project} "$tmp/textfile"
+    # Nothing made by hand: the deploy runs without schedules (no timers here), so the backup and
+    # maintenance jobs must create their destination and metrics directory themselves, the drill its
+    # scratch directory.
+    mkdir -p "$runner_dir"/{env,inventory,project}
     cp examples/awx/*.yml "$runner_dir/project/"
     # The sample app's database, with rows, before the first deploy (deploy puts it in WAL mode).
     mkdir -p "$app/.data"
