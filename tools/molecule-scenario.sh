@@ -10,16 +10,25 @@ export NO_COLOR=1 PY_COLORS=0 ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1
 log="$root/build/molecule-$scenario.log"
 mkdir -p "$root/build"
 : >"$log"
+# Each step's line carries its elapsed seconds ("molecule[x]: converge (123 s)") so the CI log
+# shows where the time goes; the step's output stays in $log.
+scenario_start=$(date +%s)
 run() {
-    echo "molecule[$scenario]: $*" | tee -a "$log"
+    local t0 rc
+    t0=$(date +%s)
+    echo "molecule[$scenario]: $* ..." >>"$log"
     "$root/.venv/bin/molecule" "$@" -s "$scenario" >>"$log" 2>&1
+    rc=$?
+    echo "molecule[$scenario]: $* ($(( $(date +%s) - t0 )) s)$([ "$rc" = 0 ] || echo " rc=$rc")" | tee -a "$log"
+    return "$rc"
 }
 status=0
 run destroy >/dev/null || true
 if run create && run prepare && run converge && run idempotence; then
     check_log="$root/build/molecule-$scenario-check.log"
-    echo "molecule[$scenario]: check (a check-mode converge must change nothing)" | tee -a "$log"
+    t0=$(date +%s)
     if "$root/.venv/bin/molecule" check -s "$scenario" >"$check_log" 2>&1; then
+        echo "molecule[$scenario]: check, a check-mode converge must change nothing ($(( $(date +%s) - t0 )) s)" | tee -a "$log"
         cat "$check_log" >>"$log"
         # PLAY RECAP lines: "<host> : ok=N changed=N ..." (molecule may frame them in a box).
         recap=$(grep -oE '[A-Za-z0-9_.-]+ +: ok=[0-9]+ +changed=[0-9]+' "$check_log")
@@ -33,7 +42,7 @@ if run create && run prepare && run converge && run idempotence; then
         fi
     else
         cat "$check_log" >>"$log"
-        echo "molecule[$scenario]: FAILED: check-mode run failed" | tee -a "$log"
+        echo "molecule[$scenario]: FAILED: check-mode run failed ($(( $(date +%s) - t0 )) s)" | tee -a "$log"
         status=1
     fi
     if [ "$status" = 0 ]; then
@@ -43,6 +52,7 @@ else
     status=1
 fi
 run destroy >/dev/null || true
+echo "molecule[$scenario]: $([ "$status" = 0 ] && echo ok || echo FAILED) in $(( $(date +%s) - scenario_start )) s" | tee -a "$log"
 if [ "$status" != 0 ]; then
     echo "molecule[$scenario]: FAILED; last lines of $log:"
     tail -n 60 "$log"
