@@ -31,7 +31,8 @@ rate=${BENCH_RATE:-500}
 gzip_max=${BENCH_GZIP_MAX_MIB:-256}
 work=${BENCH_WORK:-/var/tmp/runbook-bench}
 results=${BENCH_RESULTS:-"$root/bench/results"}
-app_mib=${BENCH_APP_MIB:-$(for s in $sizes; do [ "$s" -le 1024 ] && echo "$s"; done | sort -n | tail -n 1)}
+# (if, not &&: a size above 1024 last would make the loop, and with pipefail the script, fail)
+app_mib=${BENCH_APP_MIB:-$(for s in $sizes; do if [ "$s" -le 1024 ]; then echo "$s"; fi; done | sort -n | tail -n 1)}
 app_mib=${app_mib:-$(echo "$sizes" | tr ' ' '\n' | sort -n | head -n 1)}
 
 for tool in sqlite3 zstd cp; do
