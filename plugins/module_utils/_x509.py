@@ -21,6 +21,7 @@ and ``_not_before()`` (``not_valid_after_utc`` is newer).
 
 from __future__ import annotations
 
+import calendar
 import datetime
 import hashlib
 import ipaddress
@@ -31,6 +32,7 @@ import sys
 
 from ansible_collections.runbook.sqlite_app.plugins.module_utils._errors import RunbookError
 from ansible_collections.runbook.sqlite_app.plugins.module_utils import _fileio
+from ansible_collections.runbook.sqlite_app.plugins.module_utils._metrics import write_textfile
 
 try:
     from cryptography import x509
@@ -702,6 +704,21 @@ def install(options: dict, check_mode: bool = False, now: datetime.datetime | No
 # host-side entry point (certbot deploy hook)
 # ---------------------------------------------------------------------------------------------
 
+TLS_METRIC = "runbook_sqlite_tls_not_after_timestamp_seconds"
+
+
+def write_expiry_metric(path: str, result: dict) -> None:
+    """The installed certificate's expiry as a node_exporter textfile metric (the same line the
+    tls role writes, so a renewal by the hook and the next role run agree)."""
+    not_after = datetime.datetime.strptime(result["not_after"], "%Y-%m-%dT%H:%M:%SZ")
+    epoch = calendar.timegm(not_after.timetuple())
+    try:
+        write_textfile(path, [(TLS_METRIC, "gauge", "When the installed TLS certificate expires (Unix time).",
+                               {"cert": result["cert_file"]}, epoch)])
+    except OSError as exc:
+        raise RunbookError("%s: cannot write the metrics file: %s" % (path, _fileio.describe_oserror(exc))) from None
+
+
 def cli(argv=None) -> int:
     """``python3 _x509.py [--check] CONFIG.json`` (``-`` reads stdin); prints the result as JSON.
 
@@ -728,11 +745,15 @@ def cli(argv=None) -> int:
             raise RunbookError("%s: not valid JSON: %s" % (args[0], exc)) from None
         if not isinstance(config, dict):
             raise RunbookError("%s: expected a JSON object of options" % args[0])
+        # Not a module option: the TLS role's node_exporter metric, refreshed after each renewal.
+        metrics_file = config.pop("metrics_file", None)
         lineage = os.environ.get("RENEWED_LINEAGE")
         if config.get("source") == "files" and lineage:
             config.setdefault("cert_path", os.path.join(lineage, "fullchain.pem"))
             config.setdefault("key_path", os.path.join(lineage, "privkey.pem"))
         result = install(config, check_mode=check_mode)
+        if metrics_file and not check_mode:
+            write_expiry_metric(metrics_file, result)
     except RunbookError as exc:
         sys.stderr.write("cert_install: %s\n" % exc)
         return 1

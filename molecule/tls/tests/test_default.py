@@ -101,6 +101,10 @@ def test_hook_installs_a_renewal_and_restarts_the_app(host):
     assert_pair(host, DEMO, "demo")
     assert starts(host, "demo") == starts_before + 1
     assert served_fingerprint(host, 8444, "-CAfile /root/fake-ca/root.crt -verify_return_error") == renewed
+    # The expiry metric follows the renewal (the hook rewrites it, not only the next role run).
+    end = host.check_output("date -d \"$(openssl x509 -enddate -noout -in %s/cert.pem | cut -d= -f2)\" +%%s", LIVE)
+    metric = host.check_output("cat /var/lib/node_exporter/textfile_collector/*.prom")
+    assert 'runbook_sqlite_tls_not_after_timestamp_seconds{cert="%s/server.crt"} %s.0' % (DEMO, end) in metric
     # tls_backup: the replaced pair was kept, the key copy no more readable than 0600.
     backups = host.check_output("ls %s", DEMO).split()
     assert any(name.startswith("server.key.") for name in backups)

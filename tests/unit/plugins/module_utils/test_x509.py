@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import calendar
 import datetime
 import hashlib
 import importlib.util
@@ -481,3 +482,27 @@ def test_cli_installs_and_reports(pki, dest, tmp_path, monkeypatch, capsys):
     assert _x509.cli(["-"]) == 1
     assert "cert_install: source=content needs cert_content and key_content" in capsys.readouterr().err
     assert _x509.cli([]) == 2
+
+
+def test_cli_refreshes_the_expiry_metric(pki, dest, tmp_path, monkeypatch, capsys):
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "fullchain.pem").write_text(_pem(pki.leaf, pki.inter))
+    (live / "privkey.pem").write_text(_key_pem(pki.leaf_key))
+    metrics = tmp_path / "textfile" / "runbook_tls_app.prom"
+    metrics.parent.mkdir()
+    config = tmp_path / "hook.json"
+    config.write_text(json.dumps({"source": "files", "dest_dir": str(dest), "metrics_file": str(metrics)}))
+    monkeypatch.setenv("RENEWED_LINEAGE", str(live))
+    assert _x509.cli(["--check", str(config)]) == 0
+    assert not metrics.exists()  # check mode writes nothing
+    assert _x509.cli([str(config)]) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    expected = calendar.timegm(datetime.datetime.strptime(out["not_after"], "%Y-%m-%dT%H:%M:%SZ").timetuple())
+    line = '%s{cert="%s"} %r' % (_x509.TLS_METRIC, out["cert_file"], float(expected))
+    assert line in metrics.read_text().splitlines()
+    assert oct(metrics.stat().st_mode & 0o777) == "0o644"
+    config.write_text(json.dumps({"source": "files", "dest_dir": str(dest),
+                                  "metrics_file": str(tmp_path / "missing" / "m.prom")}))
+    assert _x509.cli([str(config)]) == 1
+    assert "missing/m.prom" in capsys.readouterr().err
