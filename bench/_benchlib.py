@@ -49,7 +49,8 @@ def engine_env() -> dict:
     return env
 
 
-CLI = ("from ansible_collections.runbook.sqlite_app.plugins.module_utils._backupset import cli; cli()")
+CLI = ("import sys; from ansible_collections.runbook.sqlite_app.plugins.module_utils._backupset import cli; "
+       "sys.exit(cli())")
 
 
 def build_text_db(path: str, size_mib: int) -> dict:

@@ -1796,12 +1796,13 @@ def _drill(set_path: str, opts: dict, check_mode: bool) -> dict:
 # command line (systemd timer on hosts)
 
 
-def cli(argv=None) -> None:
+def cli(argv=None) -> int:
     """``cli() backup|prune|restore|drill --config FILE.json``: prints a JSON result.
 
-    Exit 0 on success, 1 on a RunbookError (message on stderr), 75 when the lock was busy.
+    Returns the exit code (the wrapper calls ``sys.exit(cli())``): 0 on success, 1 on a
+    RunbookError (message on stderr), 75 when the lock was busy.
     """
-    raise SystemExit(run_cli(sys.argv[1:] if argv is None else argv))
+    return run_cli(sys.argv[1:] if argv is None else argv)
 
 
 def run_cli(args) -> int:
@@ -1837,4 +1838,4 @@ def run_cli(args) -> int:
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())

@@ -412,7 +412,7 @@ def _cli(args, tmp_path, config):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(config))
     code = ("import sys; from ansible_collections.runbook.sqlite_app.plugins.module_utils._backupset import cli; "
-            "cli()")
+            "sys.exit(cli())")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     return subprocess.run([sys.executable, "-c", code] + args + ["--config", str(cfg)], capture_output=True,
                           text=True, env=env, check=False)
