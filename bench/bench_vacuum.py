@@ -9,6 +9,7 @@ identical copies, then times
   * module: the same options through Ansible, ``ansible localhost -m runbook.sqlite_app.sqlite_vacuum``
             (what a user's task costs: Ansible start-up, module packaging and the engine; needs --ansible)
   * cli:    sqlite3 DB 'PRAGMA quick_check; VACUUM; ANALYZE; PRAGMA wal_checkpoint(PASSIVE);'
+plus, each run, ``ansible localhost -m ansible.builtin.ping`` (Ansible's fixed cost for one task),
 and prints one JSON object. With --runs N it does N rounds on fresh copies of the built database,
 alternating which method goes first; engine_vs_cli is then the median ratio. Run from a collection
 tree (tools/collection-tree.sh) or with the collection on PYTHONPATH; figures go to
@@ -79,15 +80,15 @@ def run_engine(engine, path: str) -> dict:
             "bytes_reclaimed": report["bytes_reclaimed"]}
 
 
-def run_module(ansible_bin: str, path: str) -> dict:
+def run_module(ansible_bin: str, path: str, module: str = "runbook.sqlite_app.sqlite_vacuum") -> dict:
     args = json.dumps({"databases": [path], "check": "quick_check", "checkpoint": "passive",
-                       "vacuum": "always", "analyze": "analyze"})
+                       "vacuum": "always", "analyze": "analyze"}) if module.endswith("sqlite_vacuum") else ""
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=os.environ.get("BENCH_COLLECTION_ROOT", ""),
                ANSIBLE_PYTHON_INTERPRETER=sys.executable, ANSIBLE_LOCALHOST_WARNING="false",
                ANSIBLE_INVENTORY_UNPARSED_WARNING="false")
     started = time.perf_counter()
     done = subprocess.run([ansible_bin, "localhost", "-c", "local", "-i", "localhost,", "-o",
-                           "-m", "runbook.sqlite_app.sqlite_vacuum", "-a", args],
+                           "-m", module] + (["-a", args] if args else []),
                           capture_output=True, text=True, check=False, env=env)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
@@ -141,6 +142,10 @@ def main(argv=None) -> int:
                 for suffix in ("", "-wal", "-shm"):
                     if os.path.exists(db + suffix):
                         os.unlink(db + suffix)
+            if args.ansible:
+                # Ansible's own fixed cost for one task (start-up, inventory, module transfer), with a
+                # module that does nothing: what "module" costs beyond the engine comes from here.
+                row["ansible_ping"] = run_module(args.ansible, source, module="ansible.builtin.ping")
             if row["sqlite3_cli"].get("seconds"):
                 row["engine_vs_cli"] = round(row["engine"]["seconds"] / row["sqlite3_cli"]["seconds"], 3)
                 if row.get("module", {}).get("seconds"):

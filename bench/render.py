@@ -351,15 +351,16 @@ def main(argv=None) -> int:
           "start-up and module transfer included), and `sqlite3 DB 'PRAGMA quick_check; VACUUM; ANALYZE; PRAGMA "
           "wal_checkpoint(PASSIVE);'`.")
         w("")
-        w("| size | file | engine (median) | module via ansible (median) | sqlite3 CLI (median) | engine / CLI "
-          "| module / CLI | per-run engine, module ratios |")
-        w("|---|---|---|---|---|---|---|---|")
+        w("| size | file | engine (median) | module via ansible (median) | ansible ping (median) "
+          "| sqlite3 CLI (median) | engine / CLI | module / CLI | per-run engine, module ratios |")
+        w("|---|---|---|---|---|---|---|---|---|")
         for v in vacuums:
             e = med([r["engine"].get("seconds") for r in v["runs"]])
             m = med([r.get("module", {}).get("seconds") for r in v["runs"]])
             c = med([r["sqlite3_cli"].get("seconds") for r in v["runs"]])
-            w("| %d MiB | %.0f MiB | %s | %s | %s | %s | %s | %s |" % (
-                v["size_mib"], v["database"]["size_bytes"] / MIB, fmt_s(e), fmt_s(m), fmt_s(c),
+            p = med([r.get("ansible_ping", {}).get("seconds") for r in v["runs"]])
+            w("| %d MiB | %.0f MiB | %s | %s | %s | %s | %s | %s | %s |" % (
+                v["size_mib"], v["database"]["size_bytes"] / MIB, fmt_s(e), fmt_s(m), fmt_s(p), fmt_s(c),
                 fmt_x(v.get("engine_vs_cli")), fmt_x(v.get("module_vs_cli")),
                 "; ".join("%.2f, %s" % (r["engine_vs_cli"], fmt_ratio(r.get("module_vs_cli")))
                           for r in v["runs"] if "engine_vs_cli" in r)))
