@@ -712,11 +712,9 @@ def write_expiry_metric(path: str, result: dict) -> None:
     tls role writes, so a renewal by the hook and the next role run agree)."""
     not_after = datetime.datetime.strptime(result["not_after"], "%Y-%m-%dT%H:%M:%SZ")
     epoch = calendar.timegm(not_after.timetuple())
-    try:
-        write_textfile(path, [(TLS_METRIC, "gauge", "When the installed TLS certificate expires (Unix time).",
-                               {"cert": result["cert_file"]}, epoch)])
-    except OSError as exc:
-        raise RunbookError("%s: cannot write the metrics file: %s" % (path, _fileio.describe_oserror(exc))) from None
+    # write_textfile raises RunbookError naming the path (e.g. a missing directory)
+    write_textfile(path, [(TLS_METRIC, "gauge", "When the installed TLS certificate expires (Unix time).",
+                           {"cert": result["cert_file"]}, epoch)])
 
 
 def cli(argv=None) -> int:
