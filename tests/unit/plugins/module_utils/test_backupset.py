@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import pytest
@@ -1007,6 +1008,51 @@ def test_flusher_writes_back_in_steps(tmp_path, monkeypatch):
             time.sleep(0.02)
         flusher.stop()
     assert flusher.flushes >= 4 and len(calls) == flusher.flushes
+
+
+def test_inline_flusher_writes_back_each_step_in_the_producer(tmp_path, monkeypatch):
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(bs.os, "fdatasync", lambda fd: (calls.append(threading.current_thread()), real(fd)))
+    with open(str(tmp_path / "big"), "wb") as handle:
+        flusher = bs._Flusher(handle.fileno(), every=64 * 1024, inline=True)
+        for _dummy in range(6):
+            handle.write(b"x" * 32 * 1024)
+            handle.flush()
+            flusher.throttle()
+        flusher.stop()
+    # one write-back per full 64 KiB step, done by the writing thread itself (no helper thread)
+    assert flusher.flushes == 3 and calls == [threading.current_thread()] * 3
+
+
+def test_threaded_flusher_holds_a_producer_two_steps_ahead(tmp_path):
+    every = 64 * 1024
+    with open(str(tmp_path / "big"), "wb") as handle:
+        flusher = bs._Flusher(handle.fileno(), every=every, poll=0.005)
+        for _dummy in range(12):
+            handle.write(b"x" * every)
+            handle.flush()
+            flusher.throttle()
+            assert os.fstat(handle.fileno()).st_size - flusher._flushed <= 2 * every
+        flusher.stop()
+        handle.write(b"x" * 4 * every)
+        handle.flush()
+        flusher.throttle()  # the thread has ended: returns at once instead of waiting forever
+    assert flusher.flushes >= 4
+
+
+def test_write_back_failure_fails_the_backup_and_leaves_nothing(app, monkeypatch):
+    root, dest = app
+    monkeypatch.setattr(bs, "FLUSH_EVERY", 4096)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bs.os, "fdatasync", full)
+    with pytest.raises(RunbookError, match=r"writing the set failed: .*[Nn]o space left"):
+        bs.backup(params(root, dest, compression="none"))
+    assert set_files(dest) == []
+    assert not [n for n in listing(dest) if n.startswith(".runbook-tmp-")]
 
 
 @pytest.mark.parametrize("compression", ["none", pytest.param("zstd", marks=needs_zstd)])
