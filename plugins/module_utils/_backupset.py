@@ -967,22 +967,39 @@ def _scan_members(reader: _Reader, path: str, extract_to: dict | None, on_manife
                         break
                     digest.update(chunk)
                     if out is not None:
-                        out.write(chunk)
-                        out.flush()  # the flusher measures the file, not our buffer
-                        flusher.throttle()
+                        _write_out(out, flusher, chunk, target, info.name)
                 if out is not None:
-                    out.flush()
-                    flusher.stop()
-                    os.fsync(out.fileno())
+                    _write_out(out, flusher, b"", target, info.name, final=True)
             finally:
                 digest.hexdigest()  # joins the hash thread on every path
                 if out is not None:
                     flusher.stop()
-                    out.close()
+                    try:
+                        out.close()
+                    except OSError:  # only after a failed write, which is already being raised
+                        pass
             if digest.hexdigest() != entry.get("sha256") or info.size != entry.get("size"):
                 raise RunbookError("%s: member %s does not match its sha256 in the manifest (damaged set)"
                                    % (path, info.name))
     return manifest, expected, seen
+
+
+def _write_out(out, flusher: _Flusher, chunk: bytes, target: str, member: str, *, final: bool = False) -> None:
+    """Write an extracted chunk (or, with ``final``, make the file durable); a failure names the
+    target, not the set (ENOSPC keeps scan_set's "no space left" message)."""
+    try:
+        if chunk:
+            out.write(chunk)
+        out.flush()  # the flusher measures the file, not our buffer
+        if final:
+            flusher.stop()
+            os.fsync(out.fileno())
+        else:
+            flusher.throttle()
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise
+        raise RunbookError("%s (extracting %s): cannot write: %s" % (target, member, describe_oserror(exc))) from None
 
 
 def _load_manifest(path: str, data: bytes) -> dict:

@@ -663,6 +663,22 @@ def test_restore_to_a_fresh_root_with_extra_files(backed_up, tmp_path):
     assert str(new_root / ".env") in out["restored"]
 
 
+def test_restore_write_back_failure_names_the_target_and_leaves_nothing(backed_up, tmp_path, monkeypatch):
+    dest = backed_up[1]
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(bs, "FLUSH_EVERY", 4096)
+
+    def broken(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(bs.os, "fdatasync", broken)
+    with pytest.raises(RunbookError, match=r"\.runbook-tmp-[^/]+/m0 \(extracting databases/[^)]*app\.db\): "
+                                           r"cannot write: input/output error"):
+        bs.restore({"src": str(dest), "dest_root": str(fresh)})
+    left = [os.path.join(d, n) for d, dirs, names in os.walk(str(fresh)) for n in dirs + names]
+    assert [n for n in left if n.endswith(".db") or ".runbook-tmp-" in n] == []
+
+
 def test_restore_selected_database_only(backed_up, tmp_path):
     root, dest = backed_up[:2]
     fresh = tmp_path / "fresh"
