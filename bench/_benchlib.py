@@ -199,7 +199,11 @@ def machine(work_dir: str) -> dict:
     return info
 
 
-def write_json(path: str, data) -> None:
+def write_json(path: str | None, data) -> None:
+    """The bench's result: to ``path`` (atomically), or to stdout when no path is given."""
+    if not path:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, sort_keys=True)

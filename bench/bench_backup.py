@@ -287,11 +287,7 @@ def main(argv=None) -> int:
             shutil.copyfile(db, args.keep_db)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(result, indent=2, sort_keys=True)
-    if args.out:
-        lib.write_json(args.out, result)
-    else:
-        print(text)
+    lib.write_json(args.out, result)
     return 0
 
 

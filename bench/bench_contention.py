@@ -15,7 +15,6 @@ No SQLite snapshot is involved, so any stall here is the disk's, not a lock's. P
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -94,10 +93,7 @@ def main(argv=None) -> int:
                     os.unlink(dst)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if args.out:
-        lib.write_json(args.out, result)
-    else:
-        print(json.dumps(result, indent=2, sort_keys=True))
+    lib.write_json(args.out, result)
     return 0
 
 

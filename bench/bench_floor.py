@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import sqlite3
@@ -105,10 +104,7 @@ def main(argv=None) -> int:
         result["machine"]["loadavg_end"] = lib.loadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if args.out:
-        lib.write_json(args.out, result)
-    else:
-        print(json.dumps(result, indent=2, sort_keys=True))
+    lib.write_json(args.out, result)
     return 0
 
 

@@ -461,7 +461,6 @@ class _Flusher:
         self.poll = poll or FLUSH_POLL
         self.inline = inline
         self.flushes = 0
-        self.error = None
         self._flushed = 0
         self._caught_up = threading.Condition()
         self._stop = threading.Event()
@@ -480,8 +479,7 @@ class _Flusher:
                     with self._caught_up:
                         self._flushed = size
                         self._caught_up.notify_all()
-            except OSError as exc:  # reported by stop(); the final fsync fails the same way
-                self.error = exc
+            except OSError:  # the thread ends; the final fsync reports the same failure
                 break
         with self._caught_up:  # never leave a producer waiting on a flusher that has ended
             self._flushed = None
