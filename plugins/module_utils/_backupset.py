@@ -72,8 +72,10 @@ AGE_ARMOR_MAGIC = b"-----BEGIN AGE ENC"
 CHUNK = 1024 * 1024
 FLUSH_EVERY = 32 * 1024 * 1024  # write-back step while a set (or a restored file) is written
 FLUSH_POLL = 0.02  # seconds between looks at the file's size
-GZIP_LEVEL = 6
-ZSTD_LEVEL = 3
+# default level per compression (compression_level overrides): zstd -1 measured faster than -3 and
+# no bigger on application data (docs/backup-sets.md); gzip's own default
+DEFAULT_LEVELS = {"gzip": 6, "zstd": 1}
+LEVEL_RANGES = {"gzip": (1, 9), "zstd": (1, 19)}
 EX_TEMPFAIL = 75
 
 _TS_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -83,7 +85,8 @@ _LABEL_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 BACKUP_DEFAULTS = {
     "databases": None, "extra_paths": None, "root": None, "dest": None, "name_prefix": "backup",
-    "label": None, "compression": "zstd", "check": "quick_check", "busy_timeout": 5000,
+    "label": None, "compression": "zstd", "compression_level": None, "compression_threads": None,
+    "check": "quick_check", "busy_timeout": 5000,
     "mode": "0600", "owner": None, "group": None, "state": "present", "keep_last": None,
     "keep_days": None, "keep_daily": None, "keep_weekly": None, "keep_monthly": None,
     "lock_timeout": 600, "metrics_file": None, "encrypt_recipients": None,
@@ -105,7 +108,7 @@ class LockTimeout(RunbookError):
 # small helpers
 
 
-_INT_OPTIONS = ("busy_timeout", "lock_timeout") + RETENTION_KEYS
+_INT_OPTIONS = ("busy_timeout", "lock_timeout", "compression_level", "compression_threads") + RETENTION_KEYS
 _BOOL_OPTIONS = ("extra_paths", "force", "if_missing", "safety_copy", "force_running")
 _LIST_OPTIONS = ("databases",)
 _AGE_RECIPIENT = re.compile(r"^(age1[02-9ac-hj-np-z]{58}|ssh-(ed25519|rsa) [A-Za-z0-9+/=]+( [^\n\r]*)?)$")
@@ -157,6 +160,30 @@ def _check_compression(compression: str) -> None:
     if compression == "zstd" and shutil.which("zstd") is None:
         raise RunbookError("compression zstd: the zstd binary is not installed on this host "
                            "(install the zstd package or use compression=gzip)")
+
+
+def _resolve_level(opts: dict) -> None:
+    """Fill in compression_level and compression_threads for opts["compression"], or refuse a
+    value that the compression cannot use (rather than silently ignore it)."""
+    compression, level, threads = opts["compression"], opts["compression_level"], opts["compression_threads"]
+    if compression == "none":
+        if level is not None:
+            raise RunbookError("compression_level=%s: compression none has no level "
+                               "(use gzip or zstd, or leave compression_level unset)" % level)
+    else:
+        low, high = LEVEL_RANGES[compression]
+        if level is None:
+            level = DEFAULT_LEVELS[compression]
+        elif isinstance(level, bool) or not isinstance(level, int) or not low <= level <= high:
+            raise RunbookError("compression_level=%r: %s takes a level from %d to %d" % (level, compression, low, high))
+    if threads is None:
+        threads = 1
+    elif compression != "zstd" and threads != 1:
+        raise RunbookError("compression_threads=%s: only zstd compresses in threads (compression is %s)"
+                           % (threads, compression))
+    elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise RunbookError("compression_threads=%r: expected 0 (one per core) or a positive number" % (threads,))
+    opts["compression_level"], opts["compression_threads"] = level, threads
 
 
 def _check_kind(kind: str) -> None:
@@ -573,15 +600,18 @@ def _walk_extra(path: str, member: str):
 # writing a set
 
 
-def _open_writer(staged, compression: str):
+def _open_writer(staged, compression: str, *, level: int | None = None, threads: int = 1):
     """(sink with write/close, zstd process or None): the tar stream goes into ``sink``."""
     if compression == "zstd":
         # --check: a content checksum in every frame, so ``zstd -t`` can verify the written file
-        proc = subprocess.Popen(["zstd", "-q", "-%d" % ZSTD_LEVEL, "--check", "-c"], stdin=subprocess.PIPE,
-                                stdout=staged.fileobj, stderr=subprocess.PIPE)
+        command = ["zstd", "-q", "-%d" % (level or DEFAULT_LEVELS["zstd"]), "--check", "-c"]
+        if threads != 1:
+            command.append("-T%d" % threads)
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=staged.fileobj, stderr=subprocess.PIPE)
         return proc.stdin, proc
     if compression == "gzip":
-        return gzip.GzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=staged.fileobj), None
+        return gzip.GzipFile(filename="", mode="wb", compresslevel=level or DEFAULT_LEVELS["gzip"],
+                             fileobj=staged.fileobj), None
     return _NoClose(staged.fileobj), None
 
 
@@ -660,12 +690,14 @@ def _tar_stream(put, manifest_bytes: bytes, entries: list[dict], workdir: str) -
         emit(tarfile.NUL * (tarfile.RECORDSIZE - written % tarfile.RECORDSIZE))
 
 
-def _write_archive(staged, compression: str, manifest_bytes: bytes, entries: list[dict],
+def _write_archive(staged, opts: dict, manifest_bytes: bytes, entries: list[dict],
                    workdir: str, *, throttle=None) -> str | None:
     """Write the set into ``staged``. For ``none`` returns the sha256 of exactly the bytes written
     (the sidecar digest, computed from the same buffers in the same pass); otherwise None.
     ``throttle`` (a _Flusher's) is called after each write to keep pace with the disk."""
-    sink, proc = _open_writer(staged, compression)
+    compression = opts["compression"]
+    sink, proc = _open_writer(staged, compression, level=opts["compression_level"],
+                              threads=opts["compression_threads"])
     digest = _HashThread() if compression == "none" else None
 
     def put(data):
@@ -1139,6 +1171,7 @@ def backup(params: dict, check_mode: bool = False, now: float | None = None) -> 
         if not opts["databases"]:
             raise RunbookError("databases is required when state=present")
         _check_compression(opts["compression"])
+        _resolve_level(opts)
         _check_kind(opts["check"])
         mode = _parse_mode(opts["mode"])
         opts["encrypt_recipients"] = _check_recipients(opts["encrypt_recipients"])
@@ -1274,6 +1307,7 @@ def _write_set(opts: dict, dest: str, mode: int) -> dict:
             "host": socket.gethostname(),
             "label": opts["label"] or "",
             "compression": opts["compression"],
+            "compression_level": opts["compression_level"],
             "root": os.path.abspath(opts["root"]) if opts["root"] else None,
             "check": opts["check"],
             "encrypted": bool(recipients),
@@ -1288,7 +1322,7 @@ def _write_set(opts: dict, dest: str, mode: int) -> dict:
                 # the plain archive is written and verified inside the private work dir, then encrypted
                 plain = _PlainArchive(os.path.join(workdir, "plain" + EXTENSIONS[opts["compression"]]))
                 try:
-                    _write_archive(plain, opts["compression"], manifest_bytes, entries, workdir)
+                    _write_archive(plain, opts, manifest_bytes, entries, workdir)
                 finally:
                     plain.close()
                 _wait_checks(checks)
@@ -1301,7 +1335,7 @@ def _write_set(opts: dict, dest: str, mode: int) -> dict:
             else:
                 # zstd's child writes the file: a thread writes it back; otherwise we do, inline
                 with _flushing(staged, inline=opts["compression"] != "zstd") as flusher:
-                    digest = _write_archive(staged, opts["compression"], manifest_bytes, entries, workdir,
+                    digest = _write_archive(staged, opts, manifest_bytes, entries, workdir,
                                             throttle=flusher.throttle)
                     staged.fileobj.flush()
                 _wait_checks(checks)

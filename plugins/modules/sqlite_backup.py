@@ -57,13 +57,27 @@ options:
     type: str
   compression:
     description:
-      - V(zstd) pipes the tar stream through the C(zstd) binary (level 3), which must be installed;
-        V(gzip) uses the Python standard library (level 6); V(none) writes a plain tar.
-      - The default is V(zstd) because it measured 7 to 11 times faster than gzip with a slightly better ratio
-        on a typical application database (see C(docs/backup-sets.md)).
+      - V(zstd) pipes the tar stream through the C(zstd) binary, which must be installed;
+        V(gzip) uses the Python standard library; V(none) writes a plain tar.
+      - The default is V(zstd) at level 1. In the collection's benchmark (C(docs/BENCHMARKS.md)) zstd -1
+        compressed an application database about twice as fast as zstd -3 into a file no bigger, and gzip
+        was several times slower than both; see C(docs/backup-sets.md).
     type: str
     choices: [none, gzip, zstd]
     default: zstd
+  compression_level:
+    description:
+      - Compression level, 1 to 19 for V(zstd) (default 1) and 1 to 9 for V(gzip) (default 6).
+      - Higher levels write smaller sets and take longer; the run holds no lock on the live database while it
+        compresses (the snapshot is already taken), but the backup takes CPU from the host for longer.
+      - Refused with O(compression=none).
+    type: int
+  compression_threads:
+    description:
+      - Threads C(zstd) compresses with (C(zstd -T)); V(0) means one per core. Only with O(compression=zstd).
+      - The default V(1) leaves the other cores to the application; V(0) is faster on hosts with idle cores.
+    type: int
+    default: 1
   check:
     description: SQLite check run on each snapshot (and again when the set is verified on restore).
     type: str
@@ -247,6 +261,8 @@ def main():
             name_prefix=dict(type="str", default="backup"),
             label=dict(type="str"),
             compression=dict(type="str", choices=["none", "gzip", "zstd"], default="zstd"),
+            compression_level=dict(type="int"),
+            compression_threads=dict(type="int", default=1),
             check=dict(type="str", choices=["quick_check", "integrity_check"], default="quick_check"),
             busy_timeout=dict(type="int", default=5000),
             mode=dict(type="raw", default="0600"),

@@ -194,6 +194,66 @@ def test_compression_round_trip(app, tmp_path, compression):
     assert (out / "files" / ".env").read_text() == "API_KEY=secret\n"
 
 
+@needs_zstd
+@pytest.mark.parametrize(("given", "expected"), [
+    ({}, (1, 1)),
+    ({"compression_level": 19}, (19, 1)),
+    ({"compression_level": "3", "compression_threads": "0"}, (3, 0)),
+])
+def test_zstd_level_and_threads_reach_zstd(app, tmp_path, monkeypatch, given, expected):
+    root, dest = app
+    level, threads = expected
+    commands = []
+    real_popen = bs.subprocess.Popen
+
+    def recording_popen(command, *args, **kwargs):
+        commands.append(list(command))
+        return real_popen(command, *args, **kwargs)
+
+    monkeypatch.setattr(bs.subprocess, "Popen", recording_popen)
+    result = bs.backup(params(root, dest, compression="zstd", **given))
+    writers = [command for command in commands if command[0] == "zstd" and "-c" in command]
+    assert len(writers) == 1
+    assert "-%d" % level in writers[0]
+    assert ("-T%d" % threads in writers[0]) == (threads != 1)
+    manifest = bs.verify_set(result["path"])
+    assert manifest["compression_level"] == level
+    out = tmp_path / "by-hand"
+    out.mkdir()
+    subprocess.run(["tar", "--zstd", "-xf", result["path"], "-C", str(out)], check=True)
+    assert count(out / "databases" / "app.db") == 50
+
+
+@pytest.mark.parametrize(("level", "xfl"), [(None, 0), (1, 4), (9, 2)])
+def test_gzip_level_is_written(app, level, xfl):
+    # byte 9 of a gzip header (XFL) records the effort: 4 fastest, 2 best, 0 in between
+    root, dest = app
+    result = bs.backup(params(root, dest, compression="gzip", compression_level=level))
+    with open(result["path"], "rb") as handle:
+        assert handle.read(9)[8] == xfl
+    assert bs.verify_set(result["path"])["compression_level"] == (level or 6)
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ({"compression": "none", "compression_level": 3}, "compression_level=3: compression none has no level"),
+    ({"compression": "gzip", "compression_level": 10}, "compression_level=10: gzip takes a level from 1 to 9"),
+    ({"compression": "gzip", "compression_level": 0}, "compression_level=0: gzip takes a level from 1 to 9"),
+    ({"compression": "zstd", "compression_level": 20}, "compression_level=20: zstd takes a level from 1 to 19"),
+    ({"compression": "gzip", "compression_threads": 2}, "compression_threads=2: only zstd compresses in threads"),
+    ({"compression": "zstd", "compression_threads": -1}, "compression_threads=-1: expected 0 .one per core."),
+    ({"compression": "zstd", "compression_level": "fast"}, "compression_level='fast': must be a whole number"),
+])
+def test_bad_compression_level_or_threads(app, given, message):
+    root, dest = app
+    if given["compression"] == "zstd" and not HAVE_ZSTD:
+        pytest.skip("zstd binary not installed")
+    with pytest.raises(RunbookError, match=message):
+        bs.backup(params(root, dest, **given))
+    with pytest.raises(RunbookError, match=message):  # check mode refuses the same input
+        bs.backup(params(root, dest, **given), check_mode=True)
+    assert listing(dest) == []
+
+
 def test_two_runs_in_one_second_get_distinct_names(app):
     root, dest = app
     first = bs.backup(params(root, dest))
@@ -566,8 +626,8 @@ def test_enospc_while_writing_the_set(app, monkeypatch, compression):
         def close(self):
             self.sink.close()
 
-    def full_open(staged, comp):
-        sink, proc = real_open(staged, comp)
+    def full_open(staged, comp, **kwargs):
+        sink, proc = real_open(staged, comp, **kwargs)
         return Full(sink), proc
 
     monkeypatch.setattr(bs, "_open_writer", full_open)
