@@ -478,8 +478,12 @@ class _Flusher:
       idles while it prepares the next one. Measured on a 1 GiB set under a 500 commits/s writer
       (6 interleaved runs): worst commit 0-50 ms, against 15-304 ms when a thread wrote back
       behind an unthrottled producer, for about 10 % more time. See docs/BENCHMARKS.md.
-    - threaded (a child writes the file: zstd, age): a thread fdatasyncs every step it sees;
-      ``throttle()`` waits while the file is more than two steps ahead of the disk.
+    - threaded (a child writes the file: zstd, age; and restore's extraction, where the
+      application is stopped and the producer need not pause for the disk): a thread fdatasyncs
+      every step it sees; ``throttle()`` waits while the file is more than two steps ahead of the disk.
+
+    A failed write-back is raised by the next ``throttle()`` or by ``stop()``: Linux reports a
+    write-back error once per open file, so the caller's final fsync on the same fd could succeed.
     """
 
     def __init__(self, fd: int, every: int | None = None, poll: float | None = None, inline: bool = False):
@@ -491,6 +495,7 @@ class _Flusher:
         self._flushed = 0
         self._caught_up = threading.Condition()
         self._stop = threading.Event()
+        self._error = None
         self._thread = None
         if not inline:
             self._thread = threading.Thread(target=self._run, daemon=True)
@@ -506,7 +511,8 @@ class _Flusher:
                     with self._caught_up:
                         self._flushed = size
                         self._caught_up.notify_all()
-            except OSError:  # the thread ends; the final fsync reports the same failure
+            except OSError as exc:  # the producer gets it from throttle() or stop()
+                self._error = exc
                 break
         with self._caught_up:  # never leave a producer waiting on a flusher that has ended
             self._flushed = None
@@ -524,11 +530,19 @@ class _Flusher:
         with self._caught_up:
             while self._flushed is not None and size - self._flushed > 2 * self.every:
                 self._caught_up.wait(1.0)
+        self._raise_error()
 
     def stop(self) -> None:
+        """End the thread; raises its write-back error (once) if it had one."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def _copy_hashing(src: str, dst: str) -> tuple[int, str]:
@@ -987,7 +1001,7 @@ def _scan_members(reader: _Reader, path: str, extract_to: dict | None, on_manife
             target = extract_to.get(info.name) if extract_to else None
             if target:
                 out = open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
-                flusher = _Flusher(out.fileno(), inline=True)  # written back while we extract
+                flusher = _Flusher(out.fileno())  # written back by a thread while we extract
             # a large member is hashed on the other core while this one reads and writes it
             digest = _HashThread() if info.size > 4 * CHUNK else hashlib.sha256()
             try:
@@ -1003,7 +1017,10 @@ def _scan_members(reader: _Reader, path: str, extract_to: dict | None, on_manife
             finally:
                 digest.hexdigest()  # joins the hash thread on every path
                 if out is not None:
-                    flusher.stop()
+                    try:
+                        flusher.stop()
+                    except OSError:  # a write-back failure while another failure is being raised
+                        pass
                     try:
                         out.close()
                     except OSError:  # only after a failed write, which is already being raised
@@ -1410,8 +1427,12 @@ class _flushing:
         self.flusher = _Flusher(self.staged.fileobj.fileno(), inline=self.inline)
         return self.flusher
 
-    def __exit__(self, *exc):
-        self.flusher.stop()
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.flusher.stop()
+        except OSError as error:
+            if exc_type is None:  # otherwise the body's own failure is the one to report
+                raise RunbookError("%s: writing the set failed: %s" % (self.staged.path, describe_oserror(error))) from None
 
 
 def _wait_checks(checks: list) -> None:
