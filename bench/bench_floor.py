@@ -9,8 +9,9 @@ On one warm --size-mib WAL database, rounds interleaved and rotated:
                 consistent snapshot, which must exist before the set can be written
   quick_check:  PRAGMA quick_check of that snapshot
   sha256:       hashlib.sha256 of that snapshot
-  zstd_3, zstd_3_t0, zstd_1: the zstd binary compressing the snapshot to /dev/null
-                (level 3 single-threaded is what the engine runs)
+  zstd_1, zstd_1_t0, zstd_3, zstd_3_t0: the zstd binary compressing the snapshot to /dev/null
+                (-T0: one thread per core; level 1 single-threaded is the engine's default);
+                output_bytes: what -1 and -3 write, measured once outside the timed rounds
 A lower bound for a set follows from these: the snapshot cannot overlap the writing of the set that
 contains it. Prints/writes one JSON object.
 """
@@ -87,6 +88,7 @@ def main(argv=None) -> int:
             "zstd_3": lambda: zstd(snap, "-3", "-T1"),
             "zstd_3_t0": lambda: zstd(snap, "-3", "-T0"),
             "zstd_1": lambda: zstd(snap, "-1", "-T1"),
+            "zstd_1_t0": lambda: zstd(snap, "-1", "-T0"),
         }
         names = list(methods)
         result = {"bench": "floor", "size_mib": args.size_mib, "runs": args.runs, "machine": lib.machine(work),
@@ -101,6 +103,11 @@ def main(argv=None) -> int:
                 seconds = round(time.monotonic() - started, 4)
                 result["seconds"][name].append(seconds)
                 lib.log("floor %d MiB run %d %-12s %.2f s" % (args.size_mib, run + 1, name, seconds))
+        # what each level writes (outside the timed rounds: counting bytes is not free)
+        result["output_bytes"] = {"snapshot": os.path.getsize(snap)}
+        for level in ("1", "3"):
+            out = subprocess.run(["zstd", "-q", "-" + level, "-c", snap], stdout=subprocess.PIPE, check=True)
+            result["output_bytes"]["zstd_" + level] = len(out.stdout)
         result["machine"]["loadavg_end"] = lib.loadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)

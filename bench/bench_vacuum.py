@@ -31,6 +31,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import _benchlib as lib  # noqa: E402
 
 
 def _import_engine():
@@ -171,12 +173,7 @@ def main(argv=None) -> int:
             result["module_vs_cli"] = round(statistics.median(module_ratios), 3)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        return 0
-    print(json.dumps(result, indent=2, sort_keys=True))
+    lib.write_json(args.out, result)
     return 0
 
 

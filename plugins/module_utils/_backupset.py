@@ -800,6 +800,55 @@ def _age_message(proc) -> str:
     return first
 
 
+class _ForwardReader:
+    """A pipe as the seekable file that tarfile's random-access mode (``r:``) reads.
+
+    tarfile only moves forward through an archive, except that before each header it re-reads the
+    byte just before it; so reads pass straight through, the last block read is kept for that step
+    back, and forward seeks skip. Its stream mode (``r|``) would re-buffer every MiB of a member
+    several times over, which made restoring a zstd set about half again slower than a plain one.
+    """
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.pos = 0
+        self.tail = b""  # the last bytes before pos
+        self.replay = b""  # bytes after pos that were read before a step back
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0:
+            raise OSError(errno.ESPIPE, "only absolute seeks on a stream")
+        if pos < self.pos:
+            back = self.pos - pos
+            if back > len(self.tail):
+                raise OSError(errno.ESPIPE, "cannot seek back %d bytes in a stream" % back)
+            self.replay = self.tail[-back:] + self.replay
+            self.tail = self.tail[:-back]
+            self.pos = pos
+        while self.pos < pos:
+            if not self.read(min(pos - self.pos, CHUNK)):
+                break
+        return self.pos
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            data = self.replay + self.raw.read()
+            self.replay = b""
+        elif self.replay:
+            data, self.replay = self.replay[:size], self.replay[size:]
+            if len(data) < size:
+                data += self.raw.read(size - len(data))
+        else:
+            data = self.raw.read(size)
+        self.pos += len(data)
+        self.tail = data[-tarfile.BLOCKSIZE:] if len(data) >= tarfile.BLOCKSIZE \
+            else (self.tail + data)[-tarfile.BLOCKSIZE:]
+        return data
+
+
 class _Reader:
     """A decompressed stream of a set file, whatever its compression (sniffed from magic bytes).
 
@@ -828,7 +877,7 @@ class _Reader:
             _check_compression("zstd")
             self.proc = subprocess.Popen(["zstd", "-q", "-d", "-c"], stdin=self.raw, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE)
-            self.tar = tarfile.open(fileobj=self.proc.stdout, mode="r|", bufsize=CHUNK)
+            self.tar = tarfile.open(fileobj=_ForwardReader(self.proc.stdout), mode="r:")
         else:
             self.compression = "none"
             try:
@@ -857,7 +906,7 @@ class _Reader:
                 _check_compression("zstd")
                 self.proc = subprocess.Popen(["zstd", "-q", "-d", "-c"], stdin=self.age.stdout,
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                self.tar = tarfile.open(fileobj=self.proc.stdout, mode="r|", bufsize=CHUNK)
+                self.tar = tarfile.open(fileobj=_ForwardReader(self.proc.stdout), mode="r:")
             else:
                 self.tar = tarfile.open(fileobj=self.age.stdout, mode="r|*", bufsize=CHUNK)
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
