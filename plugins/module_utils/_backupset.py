@@ -1481,7 +1481,8 @@ class _flushing:
             self.flusher.stop()
         except OSError as error:
             if exc_type is None:  # otherwise the body's own failure is the one to report
-                raise RunbookError("%s: writing the set failed: %s" % (self.staged.path, describe_oserror(error))) from None
+                raise RunbookError("%s: writing the set failed: %s"
+                                   % (self.staged.path, describe_oserror(error))) from None
 
 
 def _wait_checks(checks: list) -> None:

@@ -183,6 +183,14 @@ EXAMPLES = r"""
     label: pre-upgrade
   register: pre_upgrade
 
+- name: Monthly archive set, smaller at the cost of CPU time, zstd on every core
+  runbook.sqlite_app.sqlite_backup:
+    databases: [/srv/rocket/rocket.db]
+    dest: /var/backups/rocket-archive
+    label: monthly
+    compression_level: 19
+    compression_threads: 0
+
 - name: Retention only
   runbook.sqlite_app.sqlite_backup:
     dest: /var/backups/rocket
