@@ -315,9 +315,10 @@ def main(argv=None) -> int:
             w("")
             zbytes = fl.get("output_bytes") or {}
             if zbytes.get("snapshot") and zbytes.get("zstd_1") and zbytes.get("zstd_3"):
-                w("Output on this data: zstd -1 writes %.1f MiB (%.2f× smaller than the database), "
-                  "zstd -3 writes %.1f MiB (%.2f×)." % (zbytes["zstd_1"] / MIB, zbytes["snapshot"] / zbytes["zstd_1"],
-                                                       zbytes["zstd_3"] / MIB, zbytes["snapshot"] / zbytes["zstd_3"]))
+                ratio_1 = zbytes["snapshot"] / zbytes["zstd_1"]
+                ratio_3 = zbytes["snapshot"] / zbytes["zstd_3"]
+                w("Output on this data: zstd -1 writes %.1f MiB (%.2f× smaller than the database), zstd -3 "
+                  "writes %.1f MiB (%.2f×)." % (zbytes["zstd_1"] / MIB, ratio_1, zbytes["zstd_3"] / MIB, ratio_3))
                 w("")
             if cp_f and fs.get("backup_api") and fs.get("zstd_1"):
                 w("Lower bounds that follow (the snapshot must be complete before the set that contains it is "
