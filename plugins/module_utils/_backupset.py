@@ -72,8 +72,8 @@ AGE_ARMOR_MAGIC = b"-----BEGIN AGE ENC"
 CHUNK = 1024 * 1024
 FLUSH_EVERY = 32 * 1024 * 1024  # write-back step while a set (or a restored file) is written
 FLUSH_POLL = 0.02  # seconds between looks at the file's size
-# default level per compression (compression_level overrides): zstd -1 measured faster than -3 and
-# no bigger on application data (docs/backup-sets.md); gzip's own default
+# default level per compression (compression_level overrides): zstd -1 measured about twice as fast
+# as -3 with sets of about the same size (docs/backup-sets.md); gzip's own default
 DEFAULT_LEVELS = {"gzip": 6, "zstd": 1}
 LEVEL_RANGES = {"gzip": (1, 9), "zstd": (1, 19)}
 EX_TEMPFAIL = 75
