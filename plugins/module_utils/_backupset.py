@@ -614,18 +614,18 @@ def _walk_extra(path: str, member: str):
 # writing a set
 
 
-def _open_writer(staged, compression: str, *, level: int | None = None, threads: int = 1):
-    """(sink with write/close, zstd process or None): the tar stream goes into ``sink``."""
+def _open_writer(staged, compression: str, *, level: int | None, threads: int):
+    """(sink with write/close, zstd process or None): the tar stream goes into ``sink``.
+    ``level`` and ``threads`` come resolved from _resolve_level."""
     if compression == "zstd":
         # --check: a content checksum in every frame, so ``zstd -t`` can verify the written file
-        command = ["zstd", "-q", "-%d" % (level or DEFAULT_LEVELS["zstd"]), "--check", "-c"]
+        command = ["zstd", "-q", "-%d" % level, "--check", "-c"]
         if threads != 1:
             command.append("-T%d" % threads)
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=staged.fileobj, stderr=subprocess.PIPE)
         return proc.stdin, proc
     if compression == "gzip":
-        return gzip.GzipFile(filename="", mode="wb", compresslevel=level or DEFAULT_LEVELS["gzip"],
-                             fileobj=staged.fileobj), None
+        return gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=staged.fileobj), None
     return _NoClose(staged.fileobj), None
 
 
@@ -874,10 +874,7 @@ class _Reader:
             self.tar = tarfile.open(fileobj=self.raw, mode="r|gz", bufsize=CHUNK)
         elif magic == b"\x28\xb5\x2f\xfd":
             self.compression = "zstd"
-            _check_compression("zstd")
-            self.proc = subprocess.Popen(["zstd", "-q", "-d", "-c"], stdin=self.raw, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE)
-            self.tar = tarfile.open(fileobj=_ForwardReader(self.proc.stdout), mode="r:")
+            self._decompress_zstd(self.raw)
         else:
             self.compression = "none"
             try:
@@ -903,10 +900,7 @@ class _Reader:
                                     stderr=subprocess.PIPE)
         try:
             if ".tar.zst" in os.path.basename(self.path):
-                _check_compression("zstd")
-                self.proc = subprocess.Popen(["zstd", "-q", "-d", "-c"], stdin=self.age.stdout,
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                self.tar = tarfile.open(fileobj=_ForwardReader(self.proc.stdout), mode="r:")
+                self._decompress_zstd(self.age.stdout)
             else:
                 self.tar = tarfile.open(fileobj=self.age.stdout, mode="r|*", bufsize=CHUNK)
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
@@ -916,6 +910,13 @@ class _Reader:
         except RunbookError:
             self.close()
             raise
+
+    def _decompress_zstd(self, source) -> None:
+        """The tar stream out of a ``zstd -d`` child reading ``source`` (the set file, or age's output)."""
+        _check_compression("zstd")
+        self.proc = subprocess.Popen(["zstd", "-q", "-d", "-c"], stdin=source, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self.tar = tarfile.open(fileobj=_ForwardReader(self.proc.stdout), mode="r:")
 
     def decrypt_error(self, timeout: float = 2.0) -> str | None:
         """The age failure as a message, when age has exited with an error (None otherwise)."""
