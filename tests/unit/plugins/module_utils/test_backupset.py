@@ -723,7 +723,35 @@ def test_restore_to_a_fresh_root_with_extra_files(backed_up, tmp_path):
     assert str(new_root / ".env") in out["restored"]
 
 
-def test_restore_write_back_failure_names_the_target_and_leaves_nothing(backed_up, tmp_path, monkeypatch):
+def test_restore_of_many_files_keeps_open_files_bounded(tmp_path):
+    """Extracted files wait for their fsync in a bounded line: 400 files restore with 256 fds."""
+    import resource  # noqa: PLC0415 (Unix only, like the engine)
+
+    root = tmp_path / "app"
+    (root / "artifacts").mkdir(parents=True)
+    make_db(root / "app.db")
+    for index in range(400):
+        (root / "artifacts" / ("a%03d.txt" % index)).write_text("artifact %d\n" % index)
+    dest = tmp_path / "sets"
+    dest.mkdir()
+    bs.backup({"databases": [str(root / "app.db")], "extra_paths": [str(root / "artifacts")], "dest": str(dest),
+               "compression": "none"})
+    fresh = tmp_path / "fresh"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+    try:
+        out = bs.restore({"src": str(dest), "dest_root": str(fresh)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    restored = fresh / str(root).lstrip("/") / "artifacts"
+    assert len(out["restored"]) == 401
+    assert sorted(os.listdir(str(restored))) == ["a%03d.txt" % index for index in range(400)]
+    assert (restored / "a399.txt").read_text() == "artifact 399\n"
+    assert count(fresh / str(root).lstrip("/") / "app.db") == 100
+
+
+@pytest.mark.parametrize("failing", [("fsync",), ("fdatasync", "fsync")])
+def test_restore_write_back_failure_names_the_target_and_leaves_nothing(backed_up, tmp_path, monkeypatch, failing):
     dest = backed_up[1]
     fresh = tmp_path / "fresh"
     monkeypatch.setattr(bs, "FLUSH_EVERY", 4096)
@@ -731,8 +759,11 @@ def test_restore_write_back_failure_names_the_target_and_leaves_nothing(backed_u
     def broken(fd):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(bs.os, "fdatasync", broken)
-    with pytest.raises(RunbookError, match=r"\.runbook-tmp-[^/]+/m0 \(extracting databases/[^)]*app\.db\): "
+    for name in failing:  # the final fsync alone, or the flusher thread's steps too
+        monkeypatch.setattr(bs.os, name, broken)
+    # the write-back of an extracted copy ends after the scan, while the copy is checked: its
+    # failure is raised before anything is swapped, and names the file it was to replace
+    with pytest.raises(RunbookError, match=r"/fresh/.*/app\.db \(extracting databases/[^)]*app\.db\): "
                                            r"cannot write: input/output error"):
         bs.restore({"src": str(dest), "dest_root": str(fresh)})
     left = [os.path.join(d, n) for d, dirs, names in os.walk(str(fresh)) for n in dirs + names]
