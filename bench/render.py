@@ -354,9 +354,9 @@ def main(argv=None) -> int:
         w("")
         w("Restore of the set just written (engine `restore` with `dest_root` into an empty scratch "
           "directory, one pass: member headers, extraction into a temp file while its sha256 is compared with "
-          "the manifest, the set's sha256 against its sidecar in a second thread; then `quick_check`, fsync, "
-          "rename) against `cp` + fsync of the database; `drill` (the same checks on a scratch copy plus row "
-          "counts, nothing live touched). Median seconds.")
+          "the manifest; then `quick_check` of the copy while a second thread checks the set's sha256 against "
+          "its sidecar and a third fsyncs the copy; rename) against `cp` + fsync of the database; `drill` (the "
+          "same checks on a scratch copy, never fsynced, plus row counts; nothing live touched). Median seconds.")
         w("")
         w("| size | cp + fsync | restore (none set) | restore (zstd set) | drill (zstd set) | none / cp | zstd / cp |")
         w("|---|---|---|---|---|---|---|")

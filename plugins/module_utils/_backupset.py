@@ -1130,12 +1130,14 @@ def _write_out(out, chunk: bytes, target: str, member: str) -> None:
 class _WriteBack:
     """Where restore's extracted files finish their way to disk: one thread takes each complete
     file in turn, stops its flusher (if it had one), fsyncs and closes it, while the scan goes on
-    and the copies are checked. At most 64 files wait in line, so open files stay bounded."""
+    and the copies are checked. At most 64 files wait in line, so open files stay bounded.
+    Closing a file here drops every POSIX lock this process holds on it, an SQLite check's
+    included: harmless, since the copy sits in our private temp directory and nothing else opens it."""
 
     def __init__(self):
         self._queue = queue.Queue(maxsize=64)
         self._thread = None
-        self.failure = None  # (file, OSError) of the first file that could not be written back
+        self.failure = None  # (file, exception) of the first file that could not be written back
 
     def add(self, path: str, out, flusher: _Flusher | None) -> None:
         if self._thread is None:
@@ -1156,7 +1158,7 @@ class _WriteBack:
                     os.fsync(out.fileno())
                 finally:
                     out.close()
-            except OSError as exc:
+            except Exception as exc:  # kept for wait(); this thread must go on closing the other files
                 if self.failure is None:
                     self.failure = (path, exc)
 
@@ -1812,7 +1814,8 @@ class _RestoreJob:
             path, exc = failure
             shown = next(("%s (extracting %s)" % (target, member["member"])
                           for member, target, temp in self.staged if temp == path), path)
-            raise RunbookError("%s: cannot write: %s" % (shown, describe_oserror(exc)))
+            cause = describe_oserror(exc) if isinstance(exc, OSError) else str(exc)
+            raise RunbookError("%s: cannot write: %s" % (shown, cause))
         for member, target in self.plan:  # directories first, with the mode the manifest recorded
             if member["type"] == "dir":
                 try:

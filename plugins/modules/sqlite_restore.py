@@ -12,11 +12,13 @@ short_description: Verify and restore a backup set written by sqlite_backup, or 
 version_added: 0.1.0
 description:
   - Picks a set in O(src) (the newest verified one, one before a point in time, one with a label, or a named one),
-    verifies the sha256 of the set file and of every member against the manifest, and refuses unsafe
-    archive members (absolute paths, C(..), links pointing outside, hard links, devices) before extracting anything.
-  - Extracts each file to a temp directory next to its destination, runs the SQLite check on every extracted
-    database, then keeps a safety copy of what is replaced, removes stale C(-wal)/C(-shm)/C(-journal) files
-    and renames the new file into place, keeping the replaced file's owner and mode.
+    refuses unsafe archive members (absolute paths, C(..), links pointing outside, hard links, devices), and
+    verifies every member's sha256 against the manifest while it extracts each file into a temp directory next
+    to its destination.
+  - Then runs the SQLite check on every extracted database, verifies the set file's sha256 against its
+    C(.sha256) file and makes the extracted files durable (fsync), side by side. Only when all of that passed
+    does it keep a safety copy of what is replaced, remove stale C(-wal)/C(-shm)/C(-journal) files and rename
+    the new file into place, keeping the replaced file's owner and mode.
   - O(mode=drill) restores into a scratch directory, checks each database, reports row counts per table
     and removes the scratch copy again; nothing live is touched.
   - Stop the application before a real restore; a running process keeps writing to the replaced file.

@@ -723,6 +723,19 @@ def test_restore_to_a_fresh_root_with_extra_files(backed_up, tmp_path):
     assert str(new_root / ".env") in out["restored"]
 
 
+@needs_zstd
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_SETPIPE_SZ is Linux's")
+def test_zstd_pipes_get_a_one_mib_buffer(app):
+    root, dest = app
+    out = bs.backup(params(root, dest, compression="zstd"))
+    with open("/proc/sys/fs/pipe-max-size", encoding="ascii") as handle:
+        if int(handle.read()) < bs.PIPE_SIZE:
+            pytest.skip("pipe-max-size below 1 MiB here")
+    with bs._Reader(out["path"]) as reader:
+        assert fcntl.fcntl(reader.proc.stdout.fileno(), 1032) == bs.PIPE_SIZE  # F_GETPIPE_SZ
+        assert reader.tar.next().name == bs.MANIFEST
+
+
 def test_restore_of_many_files_keeps_open_files_bounded(tmp_path):
     """Extracted files wait for their fsync in a bounded line: 400 files restore with 256 fds."""
     import resource  # noqa: PLC0415 (Unix only, like the engine)
