@@ -52,6 +52,28 @@ def test_commit_together_publishes_both(tmp_path):
     assert _mode(tmp_path / "a.key") == 0o600
 
 
+def test_commit_together_renames_back_to_back(tmp_path, monkeypatch):
+    """No fsync between the two renames: the directory is synced once, after both (the mixed-pair
+    window is two rename() calls, not a directory fsync on a busy disk)."""
+    old_key = tmp_path / "b.key"
+    old_key.write_bytes(b"old key")
+    (tmp_path / "b.crt").write_bytes(b"old cert")
+    key = _fileio.StagedFile(str(old_key))
+    crt = _fileio.StagedFile(str(tmp_path / "b.crt"), mode=0o644)
+    key.write(b"new key")
+    crt.write(b"new cert")
+    seen = []
+    real = _fileio.fsync_dir
+
+    def spy(directory):
+        seen.append(((tmp_path / "b.key").read_bytes(), (tmp_path / "b.crt").read_bytes()))
+        real(directory)
+
+    monkeypatch.setattr(_fileio, "fsync_dir", spy)
+    _fileio.commit_together([key, crt])
+    assert seen == [(b"new key", b"new cert")]
+
+
 def test_unknown_owner_is_a_clear_error(tmp_path):
     with pytest.raises(RunbookError, match="no such user"):
         _fileio.write_file(str(tmp_path / "x"), b"x", owner="no-such-user-here")
