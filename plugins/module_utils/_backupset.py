@@ -1747,8 +1747,11 @@ class _RestoreJob:
         """on_manifest callback: decide what to restore, refuse what must be refused, and return
         {member: temp file} for the files to extract (none in check mode)."""
         opts = self.opts
+        parents = {}
         for member in _select_members(manifest, opts, self.set_path):
             target = _target(member["path"], opts["dest_root"])
+            if member["type"] != "dir":
+                parents[os.path.dirname(target)] = True
             if member["type"] == "dir":
                 if not os.path.isdir(target):
                     self.plan.append((member, target))
@@ -1773,6 +1776,10 @@ class _RestoreJob:
                     refuse_if_in_use(target)
         if self.check_mode:
             return {}
+        # next to every file of the set, also those already in place: a run killed after its
+        # swaps but before its cleanup left its temp directory there
+        for parent in parents:
+            remove_stale_temps(parent)
         extract_to = {}
         for index, (member, target) in enumerate(self.plan):
             if member["type"] not in ("database", "file"):
@@ -1780,7 +1787,6 @@ class _RestoreJob:
             parent = os.path.dirname(target)
             if parent not in self.temp_dirs:
                 self._makedirs(parent)
-                remove_stale_temps(parent)
                 self.temp_dirs[parent] = make_temp_dir(parent)
             temp = os.path.join(self.temp_dirs[parent], "m%d" % index)
             extract_to[member["member"]] = temp

@@ -699,6 +699,20 @@ def test_restore_needs_force_and_keeps_safety_copy(backed_up):
     assert again["changed"] is False and again["restored"] == []
 
 
+def test_restore_with_nothing_to_do_removes_a_killed_runs_temp_dir(backed_up):
+    """A restore killed after its swaps, before its cleanup, leaves its temp directory next to
+    files that are now in place; the next run has nothing to restore and still removes it."""
+    root, dest = backed_up[:2]
+    assert bs.restore({"src": str(dest), "force": True})["changed"] is True  # now in place
+    left = root / ".runbook-tmp-killed"
+    left.mkdir()
+    (left / "m0").write_bytes(b"half a database")
+    out = bs.restore({"src": str(dest), "force": True})
+    assert out["changed"] is False and out["restored"] == []
+    assert not left.exists()
+    assert count(root / "app.db") == 50
+
+
 def test_restore_if_missing(backed_up):
     root, dest = backed_up[:2]
     os.unlink(str(root / "tokens.db"))
