@@ -1750,12 +1750,11 @@ class _RestoreJob:
         parents = {}
         for member in _select_members(manifest, opts, self.set_path):
             target = _target(member["path"], opts["dest_root"])
-            if member["type"] != "dir":
-                parents[os.path.dirname(target)] = True
             if member["type"] == "dir":
                 if not os.path.isdir(target):
                     self.plan.append((member, target))
                 continue
+            parents[os.path.dirname(target)] = True
             if os.path.lexists(target):
                 if opts["if_missing"]:
                     self.skipped.append(target)
