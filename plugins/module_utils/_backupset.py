@@ -474,12 +474,13 @@ class _Flusher:
     Without it a 1 GiB set sits in the page cache until the final fsync, which then holds the
     disk (and every other fsync on it, e.g. the application's WAL commits) for seconds. Two ways:
 
-    - ``inline`` (we write the file): the producer calls ``throttle()`` after each write and
-      fdatasyncs each full step itself, so it pauses while the disk takes the step and the disk
-      idles while it prepares the next one. Measured on a 1 GiB set under a 500 commits/s writer
-      (6 interleaved runs): worst commit 0-50 ms, against 15-304 ms when a thread wrote back
-      behind an unthrottled producer, for about 10 % more time. See docs/BENCHMARKS.md.
-    - threaded (a child writes the file: zstd, age): a thread fdatasyncs every step it sees;
+    - ``inline`` (we write the file; for a zstd set, _ZstdOut's relay thread): the writer calls
+      ``throttle()`` after each write and fdatasyncs each full step itself, so it pauses while
+      the disk takes the step and the disk idles while it prepares the next one. Measured on a
+      1 GiB set under a 500 commits/s writer (6 interleaved runs): worst commit 0-50 ms, against
+      15-304 ms when a thread wrote back behind an unthrottled producer, for about 10 % more
+      time. See docs/BENCHMARKS.md.
+    - threaded (a child writes the file: age): a thread fdatasyncs every step it sees;
       ``throttle()`` waits while the file is more than two steps ahead of the disk. Restore's
       extraction uses the thread without ever calling ``throttle()``: the application is stopped,
       so the extraction need not wait for the disk (see scan_set's ``write_back``).
@@ -616,20 +617,133 @@ def _walk_extra(path: str, member: str):
 # writing a set
 
 
-def _open_writer(staged, compression: str, *, level: int | None, threads: int):
-    """(sink with write/close, zstd process or None): the tar stream goes into ``sink``.
-    ``level`` and ``threads`` come resolved from _resolve_level."""
+def _open_writer(staged, compression: str, *, level: int | None, threads: int, throttle=None,
+                 verify: bool = False):
+    """(sink with write/close, _ZstdOut or None): the tar stream goes into ``sink``.
+    ``level`` and ``threads`` come resolved from _resolve_level; ``throttle`` and ``verify``: see
+    _ZstdOut (for the other compressions the caller writes the file and throttles itself)."""
     if compression == "zstd":
-        # --check: a content checksum in every frame, so ``zstd -t`` can verify the written file
-        command = ["zstd", "-q", "-%d" % level, "--check", "-c"]
-        if threads != 1:
-            command.append("-T%d" % threads)
-        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=staged.fileobj, stderr=subprocess.PIPE)
-        _widen_pipe(proc.stdin)
-        return proc.stdin, proc
+        pipeline = _ZstdOut(staged, level, threads, throttle=throttle, verify=verify)
+        return pipeline, pipeline
     if compression == "gzip":
         return gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=staged.fileobj), None
     return _NoClose(staged.fileobj), None
+
+
+class _ZstdOut:
+    """``zstd -LEVEL --check`` compressing the tar stream we write into it, and a relay thread
+    that takes what zstd emits and, chunk by chunk: writes it into the staged file, hashes it for
+    the sidecar, calls ``throttle`` (an inline _Flusher's: the relay waits for each write-back
+    step, and zstd and we wait behind it) and, with ``verify``, feeds it to ``zstd -t``.
+
+    ``zstd -t`` decodes every frame and checks it against the content checksum (--check) while
+    the set is written, on the other core, instead of reading back and decompressing the whole
+    file after its fsync: side by side that was about 0.9 s of a 1 GiB set. It checks the very
+    buffers written to the file, which is what reading them back from the page cache checked.
+
+    A failure on the relay's side (the disk is full, the write-back fails) kills the compressor,
+    so our next write into it fails; ``error()`` then names the relay's cause, not the broken pipe.
+    """
+
+    def __init__(self, staged, level: int, threads: int, throttle=None, verify: bool = False):
+        # --check: a content checksum in every frame, which zstd -t verifies
+        command = ["zstd", "-q", "-%d" % level, "--check", "-c"]
+        if threads != 1:
+            command.append("-T%d" % threads)
+        self.staged = staged
+        self.throttle = throttle
+        self.digest = hashlib.sha256()
+        self.failure = None  # the relay's exception
+        self.checker = None
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            _widen_pipe(self.proc.stdin)
+            _widen_pipe(self.proc.stdout)
+            if verify:
+                self.checker = subprocess.Popen(["zstd", "-q", "-t"], stdin=subprocess.PIPE,
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                _widen_pipe(self.checker.stdin)
+        except BaseException:
+            self._kill(self.proc)
+            raise
+        self.write = self.proc.stdin.write
+        self._thread = threading.Thread(target=self._relay, daemon=True)
+        self._thread.start()
+
+    def _relay(self) -> None:
+        checking = self.checker is not None
+        try:
+            while True:
+                data = self.proc.stdout.read(CHUNK)
+                if not data:
+                    break
+                self.staged.fileobj.write(data)
+                self.digest.update(data)
+                if checking:
+                    try:
+                        self.checker.stdin.write(data)
+                    except BrokenPipeError:  # zstd -t gave up early: it says why when finish() waits
+                        checking = False
+                if self.throttle is not None:
+                    self.throttle()
+        except BaseException as exc:  # handed to the producer (error(), finish())
+            self.failure = exc
+            # the producer's next write into zstd fails instead of blocking; its stdin is the
+            # producer's to close (closing it here would wait for the producer's blocked write)
+            try:
+                self.proc.kill()
+            except OSError:
+                pass
+        finally:
+            if self.checker is not None:
+                try:
+                    self.checker.stdin.close()
+                except OSError:  # the pipe broke: already reported by zstd -t's exit status
+                    pass
+
+    def error(self) -> str:
+        """Why writing failed, as far as the relay or zstd know ("" when they do not)."""
+        self._thread.join()
+        if self.failure is not None:
+            return describe_oserror(self.failure) if isinstance(self.failure, OSError) else str(self.failure)
+        return _zstd_error(self.proc)
+
+    def close(self) -> None:
+        """End of the tar stream (a broken pipe here is handled like one in write())."""
+        self.proc.stdin.close()
+
+    def finish(self, shown: str) -> str:
+        """Wait for zstd, the relay and zstd -t; raise what failed; return the sidecar digest."""
+        self._thread.join()
+        if self.failure is not None:
+            if isinstance(self.failure, OSError):
+                raise RunbookError("%s: writing the set failed: %s" % (shown, describe_oserror(self.failure)))
+            raise self.failure
+        if self.proc.wait() != 0:
+            raise RunbookError("%s: zstd failed: %s" % (shown, _zstd_error(self.proc) or "exit %d"
+                                                        % self.proc.returncode))
+        if self.checker is not None and self.checker.wait() != 0:
+            text = self.checker.stderr.read().decode("utf-8", "replace").strip()
+            raise RunbookError("%s: verification of the written set failed, not published: zstd -t: %s"
+                               % (shown, text.splitlines()[-1] if text else "exit %d" % self.checker.returncode))
+        return self.digest.hexdigest()
+
+    def abort(self) -> None:
+        """Stop both children and the relay (the run is failing)."""
+        self._kill(self.proc)
+        self._thread.join()
+        if self.checker is not None:
+            self._kill(self.checker)
+
+    @staticmethod
+    def _kill(proc) -> None:
+        try:
+            proc.stdin.close()
+        except OSError:  # a broken pipe while flushing: the fd is closed all the same
+            pass
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 # Linux's F_SETPIPE_SZ (Python >= 3.10 names it; the target may run 3.9)
@@ -725,21 +839,23 @@ def _tar_stream(put, manifest_bytes: bytes, entries: list[dict], workdir: str) -
 
 
 def _write_archive(staged, opts: dict, manifest_bytes: bytes, entries: list[dict],
-                   workdir: str, *, throttle=None) -> str | None:
-    """Write the set into ``staged``. For ``none`` returns the sha256 of exactly the bytes written
-    (the sidecar digest, computed from the same buffers in the same pass); otherwise None.
-    ``throttle`` (a _Flusher's) is called after each write to keep pace with the disk."""
+                   workdir: str, *, throttle=None, verify: bool = False) -> str | None:
+    """Write the set into ``staged``. For ``none`` and ``zstd`` returns the sha256 of exactly the
+    bytes written (the sidecar digest, computed from the same buffers in the same pass); for
+    ``gzip`` None. ``throttle`` (an inline _Flusher's) is called after each write into the file
+    to keep pace with the disk. ``verify``: zstd -t the zstd output while it is written (_ZstdOut)."""
     compression = opts["compression"]
-    sink, proc = _open_writer(staged, compression, level=opts["compression_level"],
-                              threads=opts["compression_threads"])
+    sink, pipeline = _open_writer(staged, compression, level=opts["compression_level"],
+                                  threads=opts["compression_threads"], throttle=throttle, verify=verify)
     digest = _HashThread() if compression == "none" else None
+    paced = throttle if pipeline is None else None  # zstd's relay thread writes the file and paces it
 
     def put(data):
         sink.write(data)
         if digest is not None:
             digest.update(data)
-        if throttle is not None:
-            throttle()
+        if paced is not None:
+            paced()
 
     try:
         _tar_stream(put, manifest_bytes, entries, workdir)
@@ -748,31 +864,23 @@ def _write_archive(staged, opts: dict, manifest_bytes: bytes, entries: list[dict
         if digest is not None:
             digest.hexdigest()
         cause = describe_oserror(exc)
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-            cause = _zstd_error(proc) or cause
+        if pipeline is not None:
+            pipeline.abort()
+            cause = pipeline.error() or cause
         raise RunbookError("%s: writing the set failed: %s" % (staged.path, cause)) from None
     except BaseException:
         if digest is not None:
             digest.hexdigest()
-        if proc is not None:
-            proc.kill()
-            proc.wait()
+        if pipeline is not None:
+            pipeline.abort()
         raise
-    if proc is not None and proc.wait() != 0:
-        raise RunbookError("%s: zstd failed: %s" % (staged.path, _zstd_error(proc) or "exit %d" % proc.returncode))
+    if pipeline is not None:
+        try:
+            return pipeline.finish(staged.path)
+        except BaseException:
+            pipeline.abort()
+            raise
     return digest.hexdigest() if digest is not None else None
-
-
-def _verify_zstd(path: str, shown: str) -> None:
-    """``zstd -t``: every frame decodes and matches the content checksum zstd computed from our
-    tar stream as it compressed it (--check)."""
-    proc = subprocess.run(["zstd", "-q", "-t", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
-    if proc.returncode != 0:
-        text = proc.stderr.decode("utf-8", "replace").strip()
-        raise RunbookError("%s: verification of the written set failed, not published: zstd -t: %s"
-                           % (shown, text.splitlines()[-1] if text else "exit %d" % proc.returncode))
 
 
 def _zstd_error(proc) -> str:
@@ -1480,10 +1588,10 @@ def _write_set(opts: dict, dest: str, mode: int) -> dict:
                 staged.finish()
                 digest = _sha256_file(staged.temp_path)
             else:
-                # zstd's child writes the file: a thread writes it back; otherwise we do, inline
-                with _flushing(staged, inline=opts["compression"] != "zstd") as flusher:
+                # whoever writes the file (we, or zstd's relay thread) writes it back step by step
+                with _flushing(staged, inline=True) as flusher:
                     digest = _write_archive(staged, opts, manifest_bytes, entries, workdir,
-                                            throttle=flusher.throttle)
+                                            throttle=flusher.throttle, verify=True)
                     staged.fileobj.flush()
                 _wait_checks(checks)
                 _drop_staged(entries, workdir)  # before the fsync: their dirty pages need never reach the disk
@@ -1584,20 +1692,12 @@ def _drop_staged(entries: list[dict], workdir: str) -> None:
 def _verify_written(staged: StagedFile, compression: str, digest: str | None) -> str:
     """Verify the finished (fsynced) set before it is published; returns its sha256.
 
-    ``none``: the digest was computed from exactly the bytes handed to write() and the file is
-    fsynced; reading it back would only re-read the same page-cache pages, so no read-back.
-    ``zstd``: the file is hashed while ``zstd -t`` checks every frame against the content
-    checksum of the tar stream we fed it (two processes, side by side).
-    ``gzip``: read back and scanned member by member (``scan_set``), as before.
+    ``none`` and ``zstd``: the digest was computed from exactly the bytes handed to write() and
+    the file is fsynced; reading it back would only re-read the same page-cache pages, so no
+    read-back (a zstd set was decoded by ``zstd -t`` as it was written, see _ZstdOut).
+    ``gzip``: read back and scanned member by member (``scan_set``).
     """
-    if compression == "none" and digest:
-        return digest
-    if compression == "zstd":
-        hashed = _Background(_sha256_file, staged.temp_path)
-        try:
-            _verify_zstd(staged.temp_path, staged.path)
-        finally:
-            digest = hashed.result()
+    if compression in ("none", "zstd") and digest:
         return digest
     digest = _sha256_file(staged.temp_path)
     scan_set(staged.temp_path)  # a set failing verification is never published
