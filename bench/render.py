@@ -213,7 +213,8 @@ def main(argv=None) -> int:
           "command): snapshot (one-step backup API into a scratch copy without journal or fsync), "
           "`quick_check` in a thread while the snapshot is hashed and archived, tar (+ compression) written "
           "back in 32 MiB steps, fsync, verification (none: sidecar digest of the bytes as written; zstd: "
-          "the same, and `zstd -t` fed the compressed stream while it is written; gzip: read-back of every member), sidecar. gzip only up to %s." % (
+          "the same, and `zstd -t` fed the compressed stream while it is written; gzip: read-back of every "
+          "member), sidecar. gzip only up to %s." % (
               "%d MiB" % max([b["size_mib"] for b in backups if b["idle"].get("engine_gzip")] or [0])))
         w("- **under a writer** — a separate process commits one small row per transaction "
           "(`BEGIN IMMEDIATE`/`INSERT`/`COMMIT`, `synchronous=NORMAL`) at %d commits/s and records each "
