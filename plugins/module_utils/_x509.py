@@ -9,9 +9,9 @@
 """Install a TLS certificate/key pair, checked before it goes live.
 
 Decide first, act second: ``plan()`` reads and checks every input and the files in place and
-returns what would be written; ``apply()`` writes it (both files staged and fsynced, then two
-back-to-back renames). ``install()`` runs both; check mode is ``install(check_mode=True)``,
-the same code path without the writes.
+returns what would be written; ``apply()`` writes it (every file staged and fsynced, then
+back-to-back renames: key, chain, certificate). ``install()`` runs both; check mode is
+``install(check_mode=True)``, the same code path without the writes.
 
 Only APIs present in cryptography 38 (Debian bookworm) are used: PEM bundles are split by hand
 (``load_pem_x509_certificates`` is newer), signatures are verified with ``public_key().verify``
@@ -339,6 +339,24 @@ def verify_signed_by(cert, issuer) -> None:
                            % (key_type_of(public), _describe(issuer)))
 
 
+def _issued_below(top, certs: list) -> list:
+    """The certificates of ``certs`` that ``top`` issued, directly or through others of ``certs``
+    (names match and signatures verify)."""
+    below, frontier = [], [top]
+    while frontier:
+        issuer = frontier.pop()
+        for cert in certs:
+            if cert in below or cert.issuer != issuer.subject or cert.issuer == cert.subject:
+                continue
+            try:
+                verify_signed_by(cert, issuer)
+            except (InvalidSignature, RunbookError):
+                continue
+            below.append(cert)
+            frontier.append(cert)
+    return below
+
+
 def order_chain(certs: list, key, origin: str, key_origin: str = "the private key") -> list:
     """Leaf first, then each certificate's issuer; every link's signature verified.
 
@@ -359,6 +377,13 @@ def order_chain(certs: list, key, origin: str, key_origin: str = "the private ke
         raise RunbookError("%s: key/cert mismatch: the private key from %s does not match the certificate %s"
                            " (public keys differ)" % (origin, key_origin, _describe(candidates[0])))
     leaf = leaves[0]
+    below = _issued_below(leaf, [c for c in unique if c is not leaf])
+    if below:
+        # The key belongs to an issuer of the bundle (e.g. the intermediate), not to the leaf:
+        # name the certificate at the bottom of what it issued, the one nothing else issued to.
+        bottom = [c for c in below if not any(o is not c and o.issuer == c.subject for o in below)] or below
+        raise RunbookError("%s: key/cert mismatch: the private key from %s matches %s, not the leaf %s"
+                           " (public keys differ)" % (origin, key_origin, _describe(leaf), _describe(bottom[0])))
     chain = [leaf]
     remaining = [c for c in unique if c is not leaf]
     current = leaf
@@ -447,6 +472,10 @@ def normalize_options(options: dict) -> dict:
         value = opts[name]
         if value is not None and (not value or "/" in value or value in (".", "..")):
             raise RunbookError("%s: %r must be a plain file name (no '/')" % (name, value))
+    if opts["chain_file"] in (opts["base_name"] + ".crt", opts["base_name"] + ".key"):
+        # one path for two files: the chain would overwrite the leaf (or the key)
+        raise RunbookError("chain_file: %r is the certificate or key file of base_name %r; choose another name"
+                           % (opts["chain_file"], opts["base_name"]))
     opts["cert_mode"] = _parse_mode(opts["cert_mode"], "cert_mode")
     opts["key_mode"] = _parse_mode(opts["key_mode"], "key_mode")
     for name in ("subject_alt_names", "expected_names"):
@@ -492,9 +521,7 @@ def _generate(opts: dict, now: datetime.datetime):
         key = rsa.generate_private_key(public_exponent=65537, key_size=opts["rsa_bits"])
     else:
         key = ec.generate_private_key(ec.SECP256R1())
-    names = [parse_general_name(n) for n in opts["subject_alt_names"]]
-    if not names:
-        names = [parse_general_name(("IP:" if _is_ip(opts["common_name"]) else "DNS:") + opts["common_name"])]
+    names = _wanted_general_names(opts)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, opts["common_name"])])
     usage_kwargs = dict(digital_signature=True, content_commitment=False,
                         key_encipherment=opts["key_type"] == "rsa", data_encipherment=False,
@@ -517,6 +544,15 @@ def _generate(opts: dict, now: datetime.datetime):
     return builder.sign(key, hashes.SHA256()), key
 
 
+def _wanted_general_names(opts: dict) -> list:
+    """The SANs of a self-signed certificate: ``subject_alt_names``, or when empty the common name
+    alone (``IP:`` for an address, else ``DNS:``)."""
+    names = [parse_general_name(n) for n in opts["subject_alt_names"]]
+    if not names:
+        names = [parse_general_name(("IP:" if _is_ip(opts["common_name"]) else "DNS:") + opts["common_name"])]
+    return names
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -535,7 +571,7 @@ def _self_signed_reason(opts, cert_path, key_path, chain_path, now):
         key = parse_private_key(key_data, key_path)
     except RunbookError as exc:
         return "unreadable: %s" % exc
-    wanted_sans = sorted(format_general_name(parse_general_name(n)) for n in opts["subject_alt_names"])
+    wanted_sans = sorted(format_general_name(n) for n in _wanted_general_names(opts))
     common_names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     renew_at = _not_after(cert) - datetime.timedelta(days=opts["renew_before_days"])
     checks = (
@@ -543,7 +579,7 @@ def _self_signed_reason(opts, cert_path, key_path, chain_path, now):
         (now < _not_before(cert), "not yet valid"),
         (now >= renew_at, "expires within renew_before_days"),
         (common_names != [opts["common_name"]], "common_name changed"),
-        (bool(wanted_sans) and wanted_sans != sorted(subject_alt_names(cert)), "subject_alt_names changed"),
+        (wanted_sans != sorted(subject_alt_names(cert)), "subject_alt_names changed"),
         (key_type_of(key) != opts["key_type"], "key_type changed"),
         (opts["key_type"] == "rsa" and getattr(key, "key_size", None) != opts["rsa_bits"], "rsa_bits changed"),
     )
@@ -585,6 +621,11 @@ def plan(options: dict, now: datetime.datetime | None = None) -> dict:
     cert_path = os.path.join(dest_dir, opts["base_name"] + ".crt")
     key_path = os.path.join(dest_dir, opts["base_name"] + ".key")
     chain_path = os.path.join(dest_dir, opts["chain_file"]) if opts["chain_file"] else None
+    # Looked up once, before anything else can decide "changed": check mode fails on an unknown
+    # owner or group exactly as a real run would, and apply() uses the same ids.
+    uid, gid = _fileio.resolve_ids(opts["owner"], opts["group"])
+    owner = uid if uid != -1 else None
+    group = gid if gid != -1 else None
 
     if opts["source"] == "self_signed":
         reason = _self_signed_reason(opts, cert_path, key_path, chain_path, now)
@@ -610,17 +651,18 @@ def plan(options: dict, now: datetime.datetime | None = None) -> dict:
     wanted[key_path] = key_bytes
     modes = {path: (opts["key_mode"] if path == key_path else opts["cert_mode"]) for path in wanted}
 
-    if opts["source"] == "self_signed" and reason is None:
-        content_changes = []
-    else:
-        content_changes = [path for path, data in wanted.items() if _read_existing(path) != data]
+    # A symlink in place of a file is replaced by a regular file (the rename replaces the link,
+    # never its target): its own mode is always 0777, and chmod would go through it.
+    keep_content = opts["source"] == "self_signed" and reason is None
+    content_changes = [path for path, data in wanted.items()
+                       if os.path.islink(path) or (not keep_content and _read_existing(path) != data)]
     attr_changes = [path for path in wanted if path not in content_changes
-                    and _fileio.attrs_differ(path, modes[path], opts["owner"], opts["group"])]
+                    and _fileio.attrs_differ(path, modes[path], owner, group)]
 
     backups = []
     if opts["backup"] and content_changes:
         for path in wanted:
-            if os.path.lexists(path):
+            if os.path.exists(path):  # not a dangling symlink: nothing to copy
                 backups.append((path, _backup_name(path, now)))
 
     key_desc = key_type_of(key)
@@ -641,6 +683,8 @@ def plan(options: dict, now: datetime.datetime | None = None) -> dict:
     }
     return {
         "opts": opts,
+        "owner": owner,
+        "group": group,
         "wanted": wanted,
         "modes": modes,
         "content_changes": content_changes,
@@ -661,8 +705,7 @@ def plan(options: dict, now: datetime.datetime | None = None) -> dict:
 
 def apply(decision: dict) -> None:
     """Write what plan() decided: backups, then all files staged and committed together."""
-    opts = decision["opts"]
-    owner, group = opts["owner"], opts["group"]
+    owner, group = decision["owner"], decision["group"]  # resolved by plan()
     _fileio.remove_stale_temps(decision["dest_dir"])
     for path, backup in decision["backups"]:
         mode = os.stat(path).st_mode & 0o7777
@@ -672,10 +715,10 @@ def apply(decision: dict) -> None:
     if decision["content_changes"]:
         staged = []
         try:
-            # The key first in the rename order is irrelevant to readers (two renames apart);
-            # the certificate goes last so a reader that sees the new cert also finds the new key.
-            order = sorted(decision["content_changes"],
-                           key=lambda p: 0 if p == decision["result"]["key_file"] else 1)
+            # Key, chain, certificate: the certificate goes last, so a reader that sees the new
+            # certificate also finds the new key (and chain) it belongs with.
+            rank = {decision["result"]["key_file"]: 0, decision["result"]["chain_file"]: 1}
+            order = sorted(decision["content_changes"], key=lambda p: rank.get(p, 2))
             for path in order:
                 item = _fileio.StagedFile(path, mode=decision["modes"][path], owner=owner, group=group)
                 staged.append(item)

@@ -21,8 +21,9 @@ description:
     certificate's signature is verified with the next one's public key, the leaf is checked to be
     valid now with at least O(min_days_remaining) days left, and optionally that it covers every name
     in O(expected_names). Any failure leaves the installed files untouched.
-  - Both files are written to temp files in O(dest_dir), fsynced and given their owner, group and mode,
-    then published with two back-to-back renames (key first, then certificate).
+  - The files are written to temp files in O(dest_dir), fsynced and given their owner, group and mode,
+    then published with back-to-back renames (key first, then the O(chain_file), the certificate last).
+    A symlink in place of one of the files is replaced by a regular file; the link's target is left alone.
   - Idempotent by content - when the installed files already hold the same certificates and key,
     nothing is written and their modification times do not move; a wrong mode, owner or group is
     fixed in place (RV(ignore:changed=true)) without rewriting the content.
@@ -40,7 +41,8 @@ attributes:
   check_mode:
     support: full
     details:
-      - Runs the same checks and decision as a real run and writes nothing. For O(source=self_signed)
+      - Runs the same checks and decision as a real run and writes nothing; an unknown O(owner) or
+        O(group) fails as it would in a real run. For O(source=self_signed)
         a new pair is generated in memory, so the reported fingerprint and dates of a pair that
         would be (re)generated are a preview and differ from the real run's.
   diff_mode:

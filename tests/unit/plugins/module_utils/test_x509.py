@@ -236,6 +236,51 @@ def test_owner_group_by_id_are_applied(pki, dest):
     assert os.stat(str(dest / "server.key")).st_uid == uid
 
 
+@pytest.mark.parametrize("option, value, match", [
+    ("owner", "nosuchuser", r"owner 'nosuchuser': no such user"),
+    ("group", "nosuchgroup", r"group 'nosuchgroup': no such group"),
+])
+def test_unknown_owner_or_group_fails_the_same_in_check_and_real_mode(pki, dest, option, value, match):
+    # A fresh install: every file is a content change, so nothing else would look the names up.
+    for check_mode in (True, False):
+        with pytest.raises(RunbookError, match=match):
+            _x509.install(_content(pki, dest, **{option: value}), check_mode=check_mode)
+        assert list(dest.iterdir()) == []
+
+
+def test_symlink_at_destination_is_replaced_by_a_regular_file(pki, dest):
+    _x509.install(_content(pki, dest))
+    crt, target = dest / "server.crt", dest / "target.crt"
+    target.write_bytes(crt.read_bytes())
+    os.chmod(str(target), 0o640)
+    os.unlink(str(crt))
+    os.symlink("target.crt", str(crt))
+    target_sha = _sha(target)
+    result = _x509.install(_content(pki, dest))
+    assert result["changed"] is True
+    assert not os.path.islink(str(crt)) and stat.S_ISREG(os.lstat(str(crt)).st_mode)
+    assert _mode(crt) == 0o644 and _sha(crt) == target_sha
+    # the link's old target is left alone: neither rewritten nor chmodded through the link
+    assert _sha(target) == target_sha and _mode(target) == 0o640
+    assert _x509.install(_content(pki, dest))["changed"] is False
+
+
+@pytest.mark.parametrize("chain_file", [None, "chain.crt"])
+def test_renames_publish_key_then_chain_then_cert(pki, dest, monkeypatch, chain_file):
+    renamed = []
+    real_replace = os.replace
+
+    def spy(src, dst, *args, **kwargs):
+        renamed.append(os.path.basename(str(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(_x509._fileio.os, "replace", spy)
+    opts = _content(pki, dest, cert_content=_pem(pki.leaf), chain_content=_pem(pki.inter), chain_file=chain_file)
+    assert _x509.install(opts)["changed"] is True
+    expected = ["server.key", "chain.crt", "server.crt"] if chain_file else ["server.key", "server.crt"]
+    assert renamed == expected
+
+
 def test_check_mode_writes_nothing_and_predicts(pki, dest):
     check = _x509.install(_content(pki, dest), check_mode=True)
     assert check["changed"] is True
@@ -309,6 +354,22 @@ def test_malformed_key_pem(pki, dest, installed):
 def test_key_cert_mismatch(pki, dest, installed):
     _fails(_content(pki, dest, key_content=_key_pem(pki.other_key)),
            r"cert_content: key/cert mismatch: .*key_content.*CN=app\.example\.com", dest, installed)
+
+
+def test_key_of_another_certificate_in_the_bundle_is_a_mismatch(pki, dest, installed):
+    # the intermediate's key: not "broken chain ... does not belong" but which certificate it matches
+    _fails(_content(pki, dest, key_content=_key_pem(pki.int_key)),
+           r"^cert_content: key/cert mismatch: the private key from key_content matches CN=Test Intermediate,"
+           r" not the leaf CN=app\.example\.com", dest, installed)
+    _fails(_content(pki, dest, cert_content=_pem(pki.leaf, pki.inter, pki.root), key_content=_key_pem(pki.root_key)),
+           r"^cert_content: key/cert mismatch: the private key from key_content matches CN=Test Root,"
+           r" not the leaf CN=app\.example\.com", dest, installed)
+
+
+def test_chain_file_may_not_share_the_pair_s_paths(pki, dest, installed):
+    for name in ("server.crt", "server.key"):
+        _fails(dict(_content(pki, dest), chain_file=name), r"^chain_file: '%s' is the certificate or key file"
+               % name.replace(".", r"\."), dest, installed)
 
 
 def test_expired_and_not_yet_valid(pki, dest, installed):
@@ -457,6 +518,22 @@ def test_self_signed_ignores_min_days_and_checks_days(dest):
 def test_self_signed_without_sans_uses_common_name(dest):
     result = _x509.install({"source": "self_signed", "common_name": "10.1.2.3", "dest_dir": str(dest)})
     assert result["subject_alt_names"] == ["IP:10.1.2.3"]
+
+
+def test_self_signed_regenerates_when_subject_alt_names_are_removed(dest):
+    _x509.install(_ss(dest), now=NOW)
+    removed = _x509.install(_ss(dest, subject_alt_names=[]), now=NOW)
+    assert removed["changed"] is True and removed["subject_alt_names"] == ["DNS:localhost"]
+    omitted = {k: v for k, v in _ss(dest).items() if k != "subject_alt_names"}
+    # an empty list and an omitted option both mean the CN-derived SAN only: nothing left to change
+    for opts in (_ss(dest, subject_alt_names=[]), omitted):
+        assert _x509.install(opts, now=NOW)["changed"] is False
+    ip_cn = _ss(dest, common_name="10.1.2.3", subject_alt_names=[])
+    assert _x509.install(ip_cn, now=NOW)["subject_alt_names"] == ["IP:10.1.2.3"]
+    assert _x509.install(ip_cn, now=NOW)["changed"] is False
+    # back to an explicit list that differs from the CN-derived SAN: regenerated once
+    assert _x509.install(_ss(dest), now=NOW)["changed"] is True
+    assert _x509.install(_ss(dest), now=NOW)["changed"] is False
 
 
 # ---------------------------------------------------------------------------------------------
