@@ -17,9 +17,11 @@ Accepted assignment syntax (the common subset of python-dotenv, docker compose a
 
     [indent][export ]KEY[ ]=[ ]VALUE[ ][# comment]
 
-VALUE is empty, unquoted (ends at end of line or at whitespace followed by ``#``), single quoted
-(``\\'`` and ``\\\\`` escapes), double quoted (backslash escapes) or backtick quoted (literal);
-quoted values may span lines.
+KEY starts with a letter or ``_`` and goes on with letters, digits, ``_``, ``.`` and ``-`` (docker
+compose reads ``spring.datasource.url=...``); keys with ``.`` or ``-`` are kept byte for byte, and
+only ``NAME_RE`` names are managed. VALUE is empty, unquoted (ends at end of line or at whitespace
+followed by ``#``), single quoted (``\\'`` and ``\\\\`` escapes), double quoted (backslash escapes)
+or backtick quoted (literal); quoted values may span lines.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ import re
 
 from ansible_collections.runbook.sqlite_app.plugins.module_utils._errors import RunbookError
 
+# A name we may manage (a shell/POSIX environment name).
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# A key we read: docker compose also accepts '.' and '-' (spring.datasource.url=...). Such keys are
+# kept as they are; only NAME_RE names can be managed (normalize_specs checks that).
 _ASSIGN_RE = re.compile(r"(?P<head>[ \t]*(?:export[ \t]+)?(?P<key>[A-Za-z_][A-Za-z0-9_.-]*)[ \t]*=[ \t]*)")
 # Characters that need no quotes in any dotenv dialect (no spaces, quotes, '#', '$', '\\').
 _SAFE_UNQUOTED_RE = re.compile(r"[A-Za-z0-9_+/=.,:@%^~-]*\Z")
@@ -180,8 +185,6 @@ def parse(data: bytes, path: str = "<dotenv>") -> DotEnv:
             raise RunbookError("%s: line %d: not a KEY=value assignment, comment or blank line"
                                % (path, lineno))
         key = match.group("key")
-        if not NAME_RE.match(key):
-            raise RunbookError("%s: line %d: invalid key name %r" % (path, lineno, key))
         head = match.group("head")
         rest = content[match.end():]
         if rest[:1] in ("'", '"', "`"):

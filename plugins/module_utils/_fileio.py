@@ -69,9 +69,19 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def apply_attrs(path: str, mode: int | None = None, owner=None, group=None, fd: int | None = None) -> None:
-    """Set owner/group then mode (chown can clear setuid bits, so mode goes last)."""
-    uid, gid = resolve_ids(owner, group)
+def apply_attrs(path: str, mode: int | None = None, owner=None, group=None, fd: int | None = None, *,
+                label: str | None = None) -> None:
+    """Set owner/group then mode (chown can clear setuid bits, so mode goes last).
+
+    Errors name ``label`` when given: StagedFile passes the final path, because its temp file is
+    gone by the time anyone reads the message.
+    """
+    try:
+        uid, gid = resolve_ids(owner, group)
+    except RunbookError as err:
+        if label is None:
+            raise
+        raise RunbookError("%s: %s" % (label, err)) from None
     try:
         if uid != -1 or gid != -1:
             if fd is not None:
@@ -84,7 +94,8 @@ def apply_attrs(path: str, mode: int | None = None, owner=None, group=None, fd: 
             else:
                 os.chmod(path, mode)
     except OSError as exc:
-        raise RunbookError("%s: cannot set owner/group/mode: %s" % (path, describe_oserror(exc))) from None
+        raise RunbookError("%s: cannot set owner/group/mode: %s"
+                           % (label or path, describe_oserror(exc))) from None
 
 
 def attrs_differ(path: str, mode: int | None, owner=None, group=None) -> bool:
@@ -137,7 +148,7 @@ class StagedFile:
         try:
             self.fileobj.flush()
             os.fsync(self.fileobj.fileno())
-            apply_attrs(self.temp_path, self.mode, self.owner, self.group, fd=self.fileobj.fileno())
+            apply_attrs(self.temp_path, self.mode, self.owner, self.group, fd=self.fileobj.fileno(), label=self.path)
         except OSError as exc:
             self.discard()
             raise RunbookError("%s: write failed: %s" % (self.path, describe_oserror(exc))) from None

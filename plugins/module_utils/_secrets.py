@@ -209,8 +209,12 @@ def normalize_specs(specs) -> list[dict]:
             raise RunbookError("secrets[%d]: each entry must be a dictionary" % pos)
         name = item.get("name")
         if not isinstance(name, str) or not _dotenv.NAME_RE.match(name):
+            hint = ""
+            if isinstance(name, str) and ("." in name or "-" in name):
+                # the file may hold keys such as spring.datasource.url (kept as they are); we set env names only
+                hint = " ('.' and '-' may appear in other keys of the file, not in managed names)"
             raise RunbookError("secrets[%d]: invalid name %r: use letters, digits and _ and do not start "
-                               "with a digit" % (pos, name))
+                               "with a digit%s" % (pos, name, hint))
         if name in seen:
             raise RunbookError("secrets: duplicate name %s" % name)
         seen.add(name)
@@ -346,6 +350,7 @@ def rotate(path: str, secrets: list, *, force: bool = False, create: bool = True
     }
 
     # ---- decide (and apply to the in-memory model; check mode stops before writing) -------
+    pending = {}  # check mode: name -> diff line of a value that would be generated
     for spec in specs:
         name = spec["name"]
         entry = env.get(name)
@@ -377,12 +382,18 @@ def rotate(path: str, secrets: list, *, force: bool = False, create: bool = True
             if supplied is not None:
                 new_value = supplied
                 fields = [("rotated_at", stamp), ("source", "supplied")]
+            elif check_mode:
+                # nothing is written, so no value is made: none can leak, and no fingerprint is
+                # shown for a value that will never exist
+                new_value = None
+                fields = [("rotated_at", stamp)]
+                pending[name] = "%s: would be %s" % (name, "generated" if action == "create" else "rotated")
             else:
                 new_value = generate(spec["format"], spec["bytes"], spec["length"])
                 _register(sensitive, new_value)
                 fields = [("rotated_at", stamp), ("fingerprint", fingerprint(new_value))]
             if action == "create":
-                _append_key(env, name, new_value, fields)
+                _append_key(env, name, new_value or "", fields)
                 result["created"].append(name)
             else:
                 old_fp = verified_fingerprint(entry, meta)
@@ -394,7 +405,8 @@ def rotate(path: str, secrets: list, *, force: bool = False, create: bool = True
                         _set_meta(env, prev_name, prev_fields)
                     _copy_value(env.get(prev_name), entry)
                     result["previous"].append(prev_name)
-                entry.set_value(new_value)
+                if new_value is not None:
+                    entry.set_value(new_value)
                 _set_meta(env, name, fields)
                 result["rotated"].append(name)
         else:
@@ -413,12 +425,11 @@ def rotate(path: str, secrets: list, *, force: bool = False, create: bool = True
 
         final = env.get(name)
         final_meta = find_meta(env, name)
-        fp = verified_fingerprint(final, final_meta)
-        result["fingerprints"][name] = fp
+        result["fingerprints"][name] = None if name in pending else verified_fingerprint(final, final_meta)
         result["rotated_at"][name] = final_meta.fields.get("rotated_at") if final_meta.present else None
 
     new_data = env.serialize()
-    content_changed = st is None or new_data != original
+    content_changed = st is None or new_data != original or bool(pending)
     attrs_changed = st is not None and attrs_differ(target, file_mode, owner, group)
     result["changed"] = content_changed or attrs_changed
 
@@ -427,7 +438,7 @@ def rotate(path: str, secrets: list, *, force: bool = False, create: bool = True
         for key in (spec["name"], spec["name"] + PREVIOUS_SUFFIX):
             if key == spec["name"] or before_env.get(key) is not None or env.get(key) is not None:
                 before_lines.append(describe(before_env, key))
-                after_lines.append(describe(env, key))
+                after_lines.append(pending.get(key) or describe(env, key))
     if st is None:
         before_lines = ["(file absent)"]
     elif attrs_changed:
@@ -441,8 +452,8 @@ def rotate(path: str, secrets: list, *, force: bool = False, create: bool = True
 
     if not result["changed"]:
         return result
-    if not os.access(directory, os.W_OK):
-        raise RunbookError("%s: directory %s is not writable" % (path, directory))
+    # what the real run would fail on fails here, so check mode does not predict a success
+    _check_can_write(path, directory, st, content_changed, owner=owner, group=group)
     if check_mode:
         return result
 
@@ -460,6 +471,36 @@ def rotate(path: str, secrets: list, *, force: bool = False, create: bool = True
     else:
         apply_attrs(target, file_mode, owner, group)
     return result
+
+
+def _check_can_write(path: str, directory: str, st, content_changed: bool, *, owner, group) -> None:
+    """Raise what the apply step would hit: an unwritable directory, or a chown only root may do."""
+    euid, egid = os.geteuid(), os.getegid()
+    if content_changed and not os.access(directory, os.W_OK | os.X_OK):
+        # the new file (and a backup) is a temp file in that directory, renamed into place
+        try:
+            read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        cause = "read-only file system" if read_only else "no write and search permission for uid %d" % euid
+        raise RunbookError("%s: directory %s is not writable (%s): the file is replaced via a temp file there"
+                           % (path, directory, cause))
+    if euid == 0:
+        return
+    uid, gid = resolve_ids(owner, group)
+    if not content_changed and st.st_uid != euid:
+        raise RunbookError("%s: cannot change its mode/owner/group: it belongs to uid %d and we run as uid %d, "
+                           "not root (use become)" % (path, st.st_uid, euid))
+    how = "as asked"
+    if content_changed and st is not None and (uid == -1 or gid == -1):
+        # the rewritten file keeps the current owner/group unless told otherwise
+        how = "kept from the current file" if uid == gid == -1 else "as asked, the rest kept from the current file"
+        uid = st.st_uid if uid == -1 else uid
+        gid = st.st_gid if gid == -1 else gid
+    if uid not in (-1, euid) or gid not in (-1, egid, *os.getgroups()):
+        raise RunbookError("%s: cannot write it as uid %d gid %d: it must get owner uid %d group gid %d (%s), and "
+                           "only root can give a file to another user or group (use become)"
+                           % (path, euid, egid, euid if uid == -1 else uid, egid if gid == -1 else gid, how))
 
 
 def _backup_name(path: str, now: datetime.datetime) -> str:

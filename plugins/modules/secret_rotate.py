@@ -16,8 +16,9 @@ description:
     older than O(secrets[].max_age_days), or, for a supplied O(secrets[].value), when the file holds a
     different value. Otherwise nothing is written and the task is not changed.
   - Everything else in the file is kept byte for byte (comments, blank lines, ordering, C(export)
-    prefixes, quoting, CRLF line endings, a missing final newline). A file that cannot be read back
-    exactly (a malformed line, a duplicate key) is refused with its line number and left untouched.
+    prefixes, quoting, CRLF line endings, a missing final newline, keys with C(.) or C(-) such as
+    C(spring.datasource.url) that docker compose reads). A file that cannot be read back exactly (a
+    malformed line, a duplicate key) is refused with its line number and left untouched.
   - "The rotation time of each key is recorded in a comment line managed by this module directly
     above the key, for example
     C(# runbook.sqlite_app: HMAC_SECRET rotated_at=2026-11-23T03:00:00Z fingerprint=3f2a9c01be77)."
@@ -32,10 +33,17 @@ extends_documentation_fragment:
 attributes:
   check_mode:
     support: full
-    details: Check mode reports which names would be created, rotated or removed and writes nothing.
+    details:
+      - Check mode reports which names would be created, rotated or removed and writes nothing.
+      - It generates no value, so names that would be created or rotated have a V(null) fingerprint.
+      - What the real run could not do (the directory is not writable, or keeping or setting the owner
+        or group needs root) fails in check mode too, with the same message.
   diff_mode:
     support: full
-    details: The diff lists names with fingerprints and rotation times, never values.
+    details:
+      - The diff lists names with fingerprints and rotation times, never values.
+      - "In check mode a name that would get a new value shows as C(NAME: would be generated) or
+        C(NAME: would be rotated), without a fingerprint."
   platform:
     platforms: posix
 options:
@@ -172,7 +180,7 @@ rotated:
   elements: str
   sample: [HMAC_SECRET]
 created:
-  description: Names that were missing and were added.
+  description: Names that were missing and were added (or would be, in check mode).
   returned: always
   type: list
   elements: str
@@ -199,11 +207,15 @@ fingerprints:
   description:
     - Name to fingerprint of the value now in the file; V(null) when not shown (a supplied value,
       or a value this module did not generate).
+    - In check mode, V(null) for names in RV(created) and RV(rotated), since check mode generates no
+      value and there is nothing to fingerprint.
   returned: always
   type: dict
   sample: {HMAC_SECRET: 9f8e7d6c5b4a, HARVEST_API_KEY: null}
 rotated_at:
-  description: Name to the recorded rotation time (ISO 8601, UTC); V(null) when unknown.
+  description:
+    - Name to the recorded rotation time (ISO 8601, UTC); V(null) when unknown.
+    - In check mode, names that would be created or rotated show the time of this run.
   returned: always
   type: dict
   sample: {HMAC_SECRET: "2026-11-23T03:00:00Z"}

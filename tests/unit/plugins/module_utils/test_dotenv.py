@@ -37,6 +37,9 @@ NASTY = [
     b"A=it's\n",
     b"A=trailing   \n",
     b"A=\xff\xfe raw bytes\n",
+    b"spring.datasource.url=jdbc:sqlite:/var/app.db\n",
+    b"export my-app.flag = 'on'  # c\r\nA_B=1\r\n",
+    b'a.b-c="multi\nline" # c\nx-y.z=`t`',
 ]
 
 
@@ -108,7 +111,8 @@ def test_value_with_newline_is_refused():
     (b"A='x' trailing\n", r"t\.env: line 1: unexpected text after the value"),
     (b'A="x"# glued\n', r"t\.env: line 1: unexpected text after the value"),
     (b"1A=2\n", r"t\.env: line 1: not a KEY=value"),
-    (b"A.B=2\n", r"t\.env: line 1: invalid key name 'A.B'"),
+    (b".A=2\n", r"t\.env: line 1: not a KEY=value"),
+    (b"-A=2\n", r"t\.env: line 1: not a KEY=value"),
     (b"A=1\rB=2\n", r"t\.env: line 1: stray carriage return"),
 ])
 def test_malformed_files_name_the_line(data, message):
@@ -119,3 +123,15 @@ def test_malformed_files_name_the_line(data, message):
 def test_newline_style_is_detected():
     assert _dotenv.parse(b"A=1\r\nB=2\r\n").newline == "\r\n"
     assert _dotenv.parse(b"A=1\nB=2\n").newline == "\n"
+
+
+def test_dotted_and_dashed_keys_are_read_and_kept():
+    # docker compose accepts them (spring.datasource.url=...): read as entries we never change
+    data = b"spring.datasource.url=jdbc:x # c\nexport my-app.key='v w'\nA=1\n"
+    env = _dotenv.parse(data, "t.env")
+    assert [e.key for e in env.entries] == ["spring.datasource.url", "my-app.key", "A"]
+    assert env.get("spring.datasource.url").value == "jdbc:x"
+    assert env.get("my-app.key").value == "v w"
+    env.get("A").set_value("2")
+    assert env.serialize() == b"spring.datasource.url=jdbc:x # c\nexport my-app.key='v w'\nA=2\n"
+    assert not _dotenv.NAME_RE.match("spring.datasource.url")  # never a name we manage

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -98,3 +99,41 @@ def test_remove_stale_temps_only_touches_ours(tmp_path):
     removed = _fileio.remove_stale_temps(str(tmp_path))
     assert len(removed) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["keep.db"]
+
+
+def test_staged_file_errors_name_the_final_path(tmp_path, monkeypatch):
+    """Not the temp file: it is removed before anyone reads the message."""
+    target = tmp_path / ".env"
+    target.write_bytes(b"old")
+
+    def eperm(*args):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", eperm)
+    with pytest.raises(RunbookError) as info:
+        _fileio.write_file(str(target), b"new", owner=0, group=0)
+    assert str(info.value) == "%s: cannot set owner/group/mode: operation not permitted" % target
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == [".env"]
+
+
+def test_staged_file_unknown_owner_names_the_final_path(tmp_path):
+    target = tmp_path / "x"
+    with pytest.raises(RunbookError) as info:
+        _fileio.write_file(str(target), b"x", owner="no-such-user-here")
+    assert str(info.value) == "%s: owner 'no-such-user-here': no such user on this host" % target
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_apply_attrs_alone_keeps_its_messages(tmp_path, monkeypatch):
+    target = tmp_path / "x"
+    target.write_bytes(b"x")
+    with pytest.raises(RunbookError, match=r"^owner 'no-such-user-here': no such user"):
+        _fileio.apply_attrs(str(target), 0o600, owner="no-such-user-here")
+
+    def eperm(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chown", eperm)
+    with pytest.raises(RunbookError, match=r"^%s: cannot set owner/group/mode: operation not permitted$" % target):
+        _fileio.apply_attrs(str(target), 0o600, owner=0)

@@ -291,6 +291,68 @@ def test_check_mode_does_not_create_a_missing_file(tmp_path):
     assert os.listdir(str(tmp_path)) == []
 
 
+def _record_generate(monkeypatch):
+    """Replace the generator with one that records every value it hands out."""
+    made = []
+    real = _secrets.generate
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(_secrets, "generate", recording)
+    return made
+
+
+def test_check_mode_generates_no_value(tmp_path, monkeypatch):
+    path = _env(tmp_path)
+    before = _state(path)
+    made = _record_generate(monkeypatch)
+    specs = [{"name": "HMAC_SECRET", "force": True, "keep_previous": True},
+             {"name": "AUTH_SECRET", "format": "base64", "keep_previous": True},
+             {"name": "NEW_SECRET", "format": "alphanumeric"}, {"name": "NEW_TOKEN", "format": "urlsafe"}]
+    result = _secrets.rotate(path, specs, force=True, check_mode=True, backup=True, now=T0)
+    assert result["changed"]
+    assert result["rotated"] == ["HMAC_SECRET", "AUTH_SECRET"] and result["created"] == ["NEW_SECRET", "NEW_TOKEN"]
+    assert made == []
+    assert _state(path) == before
+    assert result["diff"]["after"] == (
+        "HMAC_SECRET: would be rotated\n"
+        "HMAC_SECRET_PREVIOUS: present (fingerprint not shown), retired_at 2026-01-01T03:00:00Z\n"
+        "AUTH_SECRET: would be rotated\n"
+        "AUTH_SECRET_PREVIOUS: present (fingerprint not shown), retired_at 2026-01-01T03:00:00Z\n"
+        "NEW_SECRET: would be generated\n"
+        "NEW_TOKEN: would be generated\n")
+    # positive control: the same run for real goes through the recorder, and nothing it made is returned
+    real = _secrets.rotate(path, specs, force=True, backup=True, now=T0)
+    assert len(made) == 4 and set(made) <= set(_values(path).values())
+    _no_value_in(real, made)
+
+
+def test_check_mode_fingerprints_are_null_real_ones_match_the_file(tmp_path):
+    path = str(tmp_path / ".env")
+    first = _secrets.rotate(path, [{"name": "HMAC_SECRET"}], now=T0)
+    old_fp = first["fingerprints"]["HMAC_SECRET"]
+    assert old_fp == _secrets.fingerprint(_values(path)["HMAC_SECRET"])
+    specs = [{"name": "HMAC_SECRET", "force": True, "keep_previous": True}, {"name": "AUTH_SECRET"}]
+    check = _secrets.rotate(path, specs, check_mode=True, now=T0 + DAY)
+    assert check["rotated"] == ["HMAC_SECRET"] and check["created"] == ["AUTH_SECRET"]
+    assert check["fingerprints"] == {"HMAC_SECRET": None, "AUTH_SECRET": None}
+    assert check["rotated_at"] == {"HMAC_SECRET": "2026-01-02T03:00:00Z", "AUTH_SECRET": "2026-01-02T03:00:00Z"}
+    assert check["diff"]["before"] == ("HMAC_SECRET: fingerprint %s, rotated_at 2026-01-01T03:00:00Z\n"
+                                       "HMAC_SECRET_PREVIOUS: absent\nAUTH_SECRET: absent\n" % old_fp)
+    # the old value's fingerprint is real (it is in the file); the new one does not exist yet
+    assert check["diff"]["after"] == ("HMAC_SECRET: would be rotated\n"
+                                      "HMAC_SECRET_PREVIOUS: fingerprint %s, retired_at 2026-01-02T03:00:00Z\n"
+                                      "AUTH_SECRET: would be generated\n" % old_fp)
+    real = _secrets.rotate(path, specs, now=T0 + DAY)
+    values = _values(path)
+    assert real["fingerprints"] == {"HMAC_SECRET": _secrets.fingerprint(values["HMAC_SECRET"]),
+                                    "AUTH_SECRET": _secrets.fingerprint(values["AUTH_SECRET"])}
+    assert real["fingerprints"]["HMAC_SECRET"] != old_fp
+    assert "HMAC_SECRET: fingerprint %s," % real["fingerprints"]["HMAC_SECRET"] in real["diff"]["after"]
+
+
 def test_mode_is_enforced_and_reported(tmp_path):
     path = _env(tmp_path)
     os.chmod(path, 0o644)
@@ -329,6 +391,27 @@ def test_symlinked_env_is_updated_in_place(tmp_path):
     assert "NEW_SECRET" in _values(real)
 
 
+def test_dotted_and_dashed_keys_are_kept_and_a_secret_next_to_them_rotates(tmp_path):
+    data = (b"spring.datasource.url=jdbc:sqlite:/var/app.db\n"
+            b"HMAC_SECRET=oldhmacvalue0123456789\n"
+            b"export my-app.feature-flag = 'on' # compose reads this\n"
+            b"a.b-c=\"x y\"")
+    path = _env(tmp_path, data)
+    before = _state(path)
+    kept = _secrets.rotate(path, [{"name": "HMAC_SECRET"}], now=T0)
+    assert not kept["changed"] and _state(path) == before
+    result = _secrets.rotate(path, [{"name": "HMAC_SECRET", "force": True}], now=T0)
+    assert result["rotated"] == ["HMAC_SECRET"]
+    new = _values(path)["HMAC_SECRET"]
+    assert open(path, "rb").read() == (
+        b"spring.datasource.url=jdbc:sqlite:/var/app.db\n"
+        b"# runbook.sqlite_app: HMAC_SECRET rotated_at=2026-01-01T03:00:00Z fingerprint="
+        + result["fingerprints"]["HMAC_SECRET"].encode() + b"\n"
+        b"HMAC_SECRET=" + new.encode() + b"\n"
+        b"export my-app.feature-flag = 'on' # compose reads this\n"
+        b"a.b-c=\"x y\"")
+
+
 def test_diff_has_names_and_fingerprints_only(tmp_path):
     path = str(tmp_path / ".env")
     first = _secrets.rotate(path, [{"name": "HMAC_SECRET"}], now=T0)
@@ -358,6 +441,7 @@ def test_sensitive_sink_receives_values(tmp_path):
 BAD_SPECS = [
     ([{"name": "1BAD"}], r"invalid name '1BAD'"),
     ([{"name": "BAD-NAME"}], r"invalid name"),
+    ([{"name": "a.b"}], r"secrets\[0\]: invalid name 'a\.b': .*'\.' and '-' may appear in other keys"),
     ([{"format": "hex"}], r"invalid name None"),
     ([{"name": "A"}, {"name": "A"}], r"duplicate name A"),
     ([{"name": "A", "format": "rot13"}], r"unknown format 'rot13'"),
@@ -443,3 +527,81 @@ def test_unwritable_directory(tmp_path, monkeypatch):
     assert _state(path) == before
     assert not [n for n in os.listdir(str(tmp_path)) if n.startswith(_fileio.TEMP_PREFIX)]
     assert tempfile.mkstemp  # the real one is back
+
+
+def _pretend_not_root(monkeypatch, uid=4242, gid=4242):
+    """Tests run as root: make rotate() see an unprivileged caller (the syscalls stay root's)."""
+    monkeypatch.setattr(os, "geteuid", lambda: uid)
+    monkeypatch.setattr(os, "getegid", lambda: gid)
+    monkeypatch.setattr(os, "getgroups", lambda: [gid])
+
+
+@pytest.mark.parametrize("check_mode", [True, False])
+@pytest.mark.parametrize("case", [
+    (None, None, r"kept from the current file"),
+    (None, "4242", r"as asked, the rest kept from the current file"),
+    ("0", "0", r"as asked"),
+])
+def test_not_root_cannot_give_the_file_away(tmp_path, monkeypatch, check_mode, case):
+    owner, group, how = case
+    path = _env(tmp_path)
+    st = os.stat(path)
+    if st.st_uid == 4242:
+        pytest.skip("the test user is uid 4242")
+    before = _state(path)
+    _pretend_not_root(monkeypatch)
+    want_gid = int(group) if group else st.st_gid
+    message = (r"^%s: cannot write it as uid 4242 gid 4242: it must get owner uid %d group gid %d \(%s\), and only "
+               r"root can give a file to another user or group \(use become\)$"
+               % (re.escape(path), int(owner) if owner else st.st_uid, want_gid, how))
+    with pytest.raises(RunbookError, match=message):
+        _secrets.rotate(path, [{"name": "HMAC_SECRET", "force": True}], owner=owner, group=group,
+                        check_mode=check_mode, backup=True, now=T0)
+    assert _state(path) == before
+
+
+@pytest.mark.parametrize("check_mode", [True, False])
+def test_not_root_cannot_change_mode_of_a_file_it_does_not_own(tmp_path, monkeypatch, check_mode):
+    path = _env(tmp_path)
+    os.chmod(path, 0o644)
+    if os.stat(path).st_uid == 4242:
+        pytest.skip("the test user is uid 4242")
+    before = _state(path)
+    _pretend_not_root(monkeypatch)
+    with pytest.raises(RunbookError, match=r"^%s: cannot change its mode/owner/group: it belongs to uid %d and we "
+                                           r"run as uid 4242, not root" % (re.escape(path), os.stat(path).st_uid)):
+        _secrets.rotate(path, [{"name": "HMAC_SECRET"}], check_mode=check_mode, now=T0)
+    assert _state(path) == before
+
+
+def test_not_root_owning_the_file_is_not_refused(tmp_path, monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to hand the file to uid 4242")
+    path = _env(tmp_path)
+    os.chown(path, 4242, 4242)
+    _pretend_not_root(monkeypatch)
+    assert _secrets.rotate(path, [{"name": "HMAC_SECRET", "force": True}], check_mode=True, now=T0)["changed"]
+    assert _secrets.rotate(path, [{"name": "HMAC_SECRET", "force": True}], now=T0)["rotated"] == ["HMAC_SECRET"]
+    assert (os.stat(path).st_uid, os.stat(path).st_gid) == (4242, 4242)
+
+
+@pytest.mark.parametrize("check_mode", [True, False])
+def test_directory_without_search_permission_fails_in_both_modes(tmp_path, monkeypatch, check_mode):
+    path = _env(tmp_path)
+    before = _state(path)
+    directory = os.path.dirname(os.path.realpath(path))
+    real_access = os.access
+
+    def access(target, mode, **kwargs):
+        # write but no search (x) permission: no file can be created there (root would get True)
+        if os.fspath(target) == directory and mode & os.X_OK:
+            return False
+        return real_access(target, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(RunbookError, match=r"^%s: directory %s is not writable \(no write and search permission "
+                                           r"for uid \d+\): the file is replaced via a temp file there$"
+                                           % (re.escape(path), re.escape(directory))):
+        _secrets.rotate(path, [{"name": "HMAC_SECRET", "force": True}], check_mode=check_mode, now=T0)
+    monkeypatch.undo()
+    assert _state(path) == before
