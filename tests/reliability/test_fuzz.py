@@ -112,7 +112,8 @@ def test_dotenv_parse_roundtrip_or_clear_error(data):
 
 DOTENV_LINES = st.lists(st.sampled_from([
     "A=1", "export B='two words'", 'C="multi\nline"', "D=`tick`", "# comment", "", "  E = spaced # c",
-    'F="unterminated', "G='esc\\'aped'", "=novalue", "H", "I=\"a\\\"b\"", "\r", "J=é", "K=\x00"]), max_size=8)
+    'F="unterminated', "G='esc\\'aped'", "=novalue", "H", "I=\"a\\\"b\"", "\r", "J=é", "K=\x00",
+    "spring.datasource.url=x", "a-b.c='v'", ".A=1"]), max_size=8)
 
 
 @FUZZ
