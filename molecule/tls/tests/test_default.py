@@ -5,6 +5,7 @@ import time
 GW = "/srv/gateway/.data/certs"
 DEMO = "/srv/demo/.data/certs"
 LIVE = "/etc/letsencrypt/live/demo"
+VAULT = "/srv/vault/.data/certs"
 HOOK = "/etc/letsencrypt/renewal-hooks/deploy/demo.sh"
 
 
@@ -65,6 +66,16 @@ def test_letsencrypt_pair_installed_with_chain(host):
     assert served_fingerprint(host, 8444, "-CAfile /root/fake-ca/root.crt -verify_return_error "
                               "-verify_hostname demo.example.test -servername demo.example.test") \
         == fingerprint(host, LIVE + "/cert.pem")
+
+
+def test_content_pair_installed_checked_and_private(host):
+    # Installed from PEM content (the lineage as converge read it, before the hook tests renew it).
+    assert_pair(host, VAULT, "vault")
+    crt = VAULT + "/server.crt"
+    assert host.file(crt).content_string.count("BEGIN CERTIFICATE") == 2
+    verify = host.run("openssl verify -CAfile /root/fake-ca/root.crt -untrusted %s %s", crt, crt)
+    assert verify.rc == 0, verify.stderr
+    assert "DNS:demo.example.test" in host.check_output("openssl x509 -noout -ext subjectAltName -in %s", crt)
 
 
 def test_hook_files(host):
