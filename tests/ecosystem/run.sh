@@ -15,6 +15,9 @@
 #   ee        ansible-builder create accepts execution-environment.yml, and another EE's introspection
 #             of the installed collection finds its Python and system dependencies
 #   awx-code  examples/awx/configure_awx.yml and the wrappers pass syntax-check (ansible-lint: lint stage)
+#   argspec   the roles' argument specs (main, and backup's and maintenance's run_now, offhost_host) fail a wrong-typed
+#             or missing required variable before any task of the role runs, naming the variable
+#             (tests/ecosystem/argspec.yml, one ansible-playbook run on localhost in check mode)
 #   summary   which runbook playbooks end with a summary for people (report only)
 # Runs from the repo root with the venv on PATH (tools/test.sh). Prints one line per check with its
 # time and ends with "ecosystem: N passed, N failed"; exits non-zero when any check failed.
@@ -682,7 +685,21 @@ PY
     return $rc
 }
 
-# 7. Output for people: does each runbook end with a summary? (report only: playbooks/ is not ours)
+# 7. Argument specs: one playbook run, every case a role included with one bad variable ------------
+check_argspec() {
+    local n
+    if ! ansible-playbook -i localhost, -c local tests/ecosystem/argspec.yml >"$log/argspec.log" 2>&1; then
+        # The rescued validation failures print their whole spec: show the cases' verdicts only.
+        grep -oE '"msg": "[a-z_]+: expected ([^"\\]|\\.)*' "$log/argspec.log" | sort -u | cut -c9-400 | sed 's/^/  | /'
+        grep -q '"msg": "[a-z_]*: expected ' "$log/argspec.log" || tail -n 20 "$log/argspec.log" | cut -c1-300 | sed 's/^/  | /'
+        fail "tests/ecosystem/argspec.yml: a bad variable did not fail its entry point's argument validation first"
+        return 1
+    fi
+    n=$(grep -c '"msg": "[a-z_]*: .* validation failed first: ' "$log/argspec.log")
+    ok "tests/ecosystem/argspec.yml: $n cases, each failed first in its entry point's argument validation, naming the variable"
+}
+
+# 8. Output for people: does each runbook end with a summary? (report only: playbooks/ is not ours)
 check_summary() {
     "$python" - "${playbooks[@]}" <<'PY'
 import os, sys
@@ -711,7 +728,7 @@ PY
 
 echo "ecosystem: runbook.sqlite_app $version, $(ansible --version 2>/dev/null | sed -n 1p), temp $tmp"
 checks=("$@")
-[ ${#checks[@]} -gt 0 ] || checks=(docs release awx awx-hosts metrics ee awx-code summary)
+[ ${#checks[@]} -gt 0 ] || checks=(docs release awx awx-hosts metrics ee awx-code argspec summary)
 # awx-hosts mostly waits on containers (docker round trips, systemd, health retries): it runs in the
 # background while the other checks run, its output shown when it ends. RUNBOOK_ECOSYSTEM_SERIAL=1
 # runs every check in turn.
