@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run one molecule scenario: create, prepare, converge, idempotence (changed=0), a check-mode
 # converge that must also report changed=0 on the converged host (not for `runbook`, see below),
-# verify (testinfra), destroy.
+# verify (testinfra), side-effect (only where the scenario has a side_effect.yml), destroy.
 # molecule's own `check` step does not fail on changes, so the recap is read here.
 set -uo pipefail
 scenario="$1"
@@ -54,6 +54,18 @@ if run create && run prepare && run converge && run idempotence; then
     fi
     if [ "$status" = 0 ]; then
         run verify || status=1
+    fi
+    # A scenario with a side_effect.yml (app: upgrade, failed health gate, rollback, retention) runs it
+    # after verify, on the verified host. molecule skips a side-effect playbook it cannot find and
+    # still exits 0, so the step also fails when its output has no PLAY RECAP.
+    if [ "$status" = 0 ] && [ -f "$root/molecule/$scenario/side_effect.yml" ]; then
+        mark=$(wc -l <"$log")
+        if ! run side-effect; then
+            status=1
+        elif ! tail -n +"$((mark + 1))" "$log" | grep -q 'PLAY RECAP'; then
+            echo "molecule[$scenario]: FAILED: side-effect ran no playbook (is provisioner.playbooks.side_effect set?)" | tee -a "$log"
+            status=1
+        fi
     fi
 else
     status=1

@@ -1,13 +1,28 @@
-"""Verify the backup role on a real systemd container (testinfra).
+"""Verify the backup role on a systemd container and on a container without systemd (testinfra).
 
-The tests run in file order and build on each other: the service is started by hand, run twice at
-once, made to fail, and finally left to its timer.
+runbook-backup boots systemd: the timer path. runbook-backup-cron runs `sleep` as PID 1, so the
+role's backup_scheduler=auto installs the cron entry there (schedule `* * * * *` from molecule.yml).
+The tests run in file order and build on each other: on the systemd host the service is started by
+hand, run twice at once, made to fail, and finally left to its timer; on the cron host the job is run
+by hand, made to fail, then the cron daemon is started early and checked last, so its wait for the
+next minute overlaps the systemd tests.
 """
 
 import json
+import os
+import re
+import shlex
+import subprocess
 import time
 
+import pytest
+import testinfra
 from prometheus_client.parser import text_string_to_metric_families
+
+SYSTEMD_HOST = "runbook-backup"
+CRON_HOST = "runbook-backup-cron"
+# The `host` fixture is the systemd host; the cron host has its own fixture below.
+testinfra_hosts = ["ansible://" + SYSTEMD_HOST]
 
 NAME = "sample"
 UNIT = "runbook-backup-" + NAME
@@ -17,6 +32,22 @@ CONFIG = "/etc/runbook-sqlite-app/backup-%s.json" % NAME
 WRAPPER = "/usr/local/sbin/runbook-sqlite-backup"
 METRICS = "/var/lib/node_exporter/textfile_collector/runbook_backup_%s.prom" % NAME
 DB = "/srv/app/.data/app.sqlite"
+CRON_FILE = "/etc/cron.d/" + UNIT
+CRON_SCRIPT = "/etc/runbook-sqlite-app/backup-%s.cron.sh" % NAME
+FAILURES = "/var/log/runbook-backup-failures.log"
+CONVERGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "converge.yml")
+# One cron time field: *, N, N-M, lists of those, each with an optional /step (names are not used here).
+CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\d+(-\d+)?)(/\d+)?)*$")
+CRON_WAIT = 80  # s from the daemon's start: the next minute, plus the run
+STATE = {}
+
+
+@pytest.fixture(scope="module")
+def cron_host(host, request):
+    # Asks for `host` only so that pytest keeps file order: it groups the tests that use the
+    # parametrized host fixture ahead of those that do not.
+    del host
+    return testinfra.get_host("ansible://" + CRON_HOST, ansible_inventory=request.config.option.ansible_inventory)
 
 
 def sets(host, directory=DEST):
@@ -30,6 +61,62 @@ def manifest(host, path):
     return json.loads(host.check_output("%s %s | tar -xOf - manifest.json" % (reader, path)))
 
 
+def assert_verified(host, name, directory=DEST):
+    """The set passes `sha256sum --check --strict` against its sidecar and its manifest says the
+    database check passed; returns the manifest."""
+    host.run_expect([0], "cd %s && sha256sum --check --strict %s.sha256" % (directory, name))
+    data = manifest(host, directory + "/" + name)
+    dbs = [d for d in data["databases"] if d["path"] == DB]
+    assert dbs and dbs[0]["check"]["ok"] is True, data["databases"]
+    return data
+
+
+def last_success(host):
+    """The metrics file's last-success timestamp, 0 when there is no file yet."""
+    if not host.file(METRICS).exists:
+        return 0.0
+    families = {f.name: f for f in text_string_to_metric_families(host.file(METRICS).content_string)}
+    return families["runbook_sqlite_backup_last_success_timestamp_seconds"].samples[0].value
+
+
+def wait_for_verified_set(host, before, success_before, timeout):
+    """Wait until a set that is not in `before` has its sidecar and the metrics file's last-success
+    timestamp is past `success_before` (the engine writes the sidecar, then the set, then the
+    metrics); return the new names (None on timeout)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(2)
+        new = sorted(set(sets(host)) - set(before))
+        if new and all(host.file("%s/%s.sha256" % (DEST, n)).exists for n in new) \
+                and last_success(host) > success_before:
+            return new
+    return None
+
+
+def cron_job(host):
+    """The cron entry's environment lines and its one job line, split into schedule, user, command."""
+    env, jobs = {}, []
+    for raw in host.file(CRON_FILE).content_string.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", line):
+            key, value = line.split("=", 1)
+            env[key] = value
+        else:
+            jobs.append(line.split(None, 6))
+    assert len(jobs) == 1, jobs
+    assert len(jobs[0]) == 7, jobs[0]
+    return env, jobs[0][:5], jobs[0][5], jobs[0][6]
+
+
+def run_cron_command(host):
+    """Run the entry's command the way cron does: its SHELL, its PATH, no other environment."""
+    env, _schedule, user, command = cron_job(host)
+    assert user == "root"
+    return host.run("env -i PATH=%s %s -c %s" % (shlex.quote(env["PATH"]), env["SHELL"], shlex.quote(command)))
+
+
 def test_timer_enabled_active_and_persistent(host):
     timer = host.service(UNIT + ".timer")
     assert timer.is_enabled
@@ -38,6 +125,8 @@ def test_timer_enabled_active_and_persistent(host):
     assert "Persistent=yes" in props
     assert "RandomizedDelayUSec=30min" in props
     assert "OnCalendar=*-*-* 00:00:00" in props  # systemd's normal form of "daily"
+    # auto chose systemd here: no cron entry as well
+    assert not host.file(CRON_FILE).exists
 
 
 def test_job_config_is_private_json_with_module_options(host):
@@ -51,6 +140,69 @@ def test_job_config_is_private_json_with_module_options(host):
     assert data["root"] == "/srv/app/.data"
 
 
+def test_cron_host_has_a_cron_entry_and_no_timer(cron_host):
+    entry = cron_host.file(CRON_FILE)
+    assert entry.is_file
+    assert (entry.user, entry.group, entry.mode) == ("root", "root", 0o644)
+    env, schedule, user, command = cron_job(cron_host)
+    assert all(CRON_FIELD.match(field) for field in schedule), schedule
+    assert schedule == ["*"] * 5  # backup_cron_schedule from molecule.yml's host_vars
+    assert user == "root"
+    assert command == CRON_SCRIPT
+    assert env["SHELL"] == "/bin/sh" and "/usr/local/sbin" in env["PATH"].split(":")
+    script = cron_host.file(CRON_SCRIPT)
+    assert (script.user, script.group, script.mode) == ("root", "root", 0o700)
+    # auto found no systemd: no units, and the job config the timer would use is there all the same
+    assert not cron_host.file("/etc/systemd/system/%s.timer" % UNIT).exists
+    assert not cron_host.file("/etc/systemd/system/%s.service" % UNIT).exists
+    assert cron_host.file(CONFIG).mode == 0o600
+
+
+def test_cron_command_by_hand_writes_a_verified_set_and_the_offhost_copy(cron_host):
+    before = sets(cron_host)
+    success_before = last_success(cron_host)
+    result = run_cron_command(cron_host)
+    assert result.rc == 0, (result.rc, result.stdout, result.stderr)
+    new = sorted(set(sets(cron_host)) - set(before))
+    assert len(new) == 1, (before, new)
+    assert new[0].endswith(".tar.zst")
+    assert_verified(cron_host, new[0])
+    assert cron_host.file(DEST + "/" + new[0]).mode == 0o600
+    # The job script chains the off-host copy, like the unit's ExecStartPost=.
+    assert new[0] in sets(cron_host, OFFHOST)
+    assert_verified(cron_host, new[0], OFFHOST)
+    assert last_success(cron_host) > success_before
+
+
+def test_cron_job_failure_runs_the_failure_command(cron_host):
+    # A missing destination makes the engine fail before it takes the lock; the script then runs
+    # backup_on_failure_command with RUNBOOK_FAILED_UNIT naming the cron job.
+    cron_host.run_expect([0], "rm -f %s" % FAILURES)
+    cron_host.run_expect([0], "mv %s %s.away" % (DEST, DEST))
+    try:
+        result = run_cron_command(cron_host)
+    finally:
+        cron_host.run_expect([0], "mv %s.away %s" % (DEST, DEST))
+    assert result.rc != 0, result.stdout
+    assert "destination directory does not exist" in result.stderr
+    log = cron_host.file(FAILURES)
+    assert log.exists, "the failure command did not run"
+    assert log.content_string.splitlines() == ["cron:%s failed" % UNIT]
+
+
+def test_cron_daemon_starts(cron_host):
+    # Nothing starts cron in a container without init; the role installs the entry only. The check
+    # that cron runs the job is the last test in this file, so its wait overlaps the ones between.
+    # Live processes only: `sleep` as PID 1 reaps nothing, so a cron that exited stays a zombie.
+    running = "pgrep -x --runstates R,S,D cron"
+    assert cron_host.run(running).rc != 0, "cron was already running"
+    STATE["cron_before"] = sets(cron_host)
+    STATE["cron_success_before"] = last_success(cron_host)
+    cron_host.run_expect([0], "cron </dev/null >/dev/null 2>&1")
+    STATE["cron_started"] = time.time()
+    assert cron_host.run(running).rc == 0
+
+
 def test_manual_start_writes_a_verified_set(host):
     before = sets(host)
     host.run_expect([0], "systemctl start %s.service" % UNIT)
@@ -61,12 +213,9 @@ def test_manual_start_writes_a_verified_set(host):
     assert new[0].endswith(".tar.zst")
     for f in (host.file(path), host.file(path + ".sha256")):
         assert (f.user, f.mode) == ("root", 0o600)
-    data = manifest(host, path)
-    dbs = [d for d in data["databases"] if d["path"] == DB]
-    assert dbs and dbs[0]["check"]["ok"] is True, data["databases"]
-    assert dbs[0]["journal_mode"] == "wal"
+    data = assert_verified(host, new[0])
+    assert [d for d in data["databases"] if d["path"] == DB][0]["journal_mode"] == "wal"
     assert any(m["member"] == "files/.env" for m in data["members"]), data["members"]
-    host.run_expect([0], "cd %s && sha256sum --check --strict %s.sha256" % (DEST, new[0]))
     # The snapshot holds the rows.
     work = host.check_output("mktemp -d")
     host.run_expect([0], "zstd -dc %s | tar -xf - -C %s" % (path, work))
@@ -79,7 +228,7 @@ def test_offhost_path_has_a_verified_copy_of_the_newest_set(host):
     newest = sets(host)[-1]
     copies = sets(host, OFFHOST)
     assert newest in copies, (newest, copies)
-    host.run_expect([0], "cd %s && sha256sum --check --strict %s.sha256" % (OFFHOST, newest))
+    assert_verified(host, newest, OFFHOST)
     assert host.file(OFFHOST + "/" + newest).mode == 0o600
 
 
@@ -109,8 +258,7 @@ def test_two_runs_at_once_both_succeed_one_waits(host):
     new = sorted(set(sets(host)) - set(before))
     assert len(new) == 2, new
     for name in new:
-        host.run_expect([0], "cd %s && sha256sum --check --strict %s.sha256" % (DEST, name))
-        assert manifest(host, DEST + "/" + name)["databases"][0]["check"]["ok"] is True
+        assert_verified(host, name)
 
 
 def test_lock_held_makes_a_run_wait(host):
@@ -148,20 +296,39 @@ def test_failure_runs_the_on_failure_unit(host):
                         % (dropin, UNIT))
 
 
+def _converge_schedule(*extra):
+    """Run converge.yml's backup_schedule tasks (validation and the timer) on the systemd host."""
+    cmd = ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], CONVERGE, "--limit", SYSTEMD_HOST,
+           "--tags", "backup_schedule", *extra]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+
+
 def test_timer_fires_on_its_own(host):
-    dropin = "/etc/systemd/system/%s.timer.d" % UNIT
+    # A 10 s calendar through the role's own variables (prepare made the lab's timers accurate to 1 s),
+    # then the converge's schedule again.
     before = sets(host)
-    host.run_expect([0], "mkdir -p %(d)s && printf '[Timer]\\nOnCalendar=\\nOnCalendar=*:*:0/10\\n"
-                         "AccuracySec=1s\\nRandomizedDelaySec=0\\n' > %(d)s/fast.conf && systemctl daemon-reload "
-                         "&& systemctl restart %(u)s.timer" % {"d": dropin, "u": UNIT})
+    success_before = last_success(host)
+    _converge_schedule("-e", json.dumps({"backup_on_calendar": "*:*:0/10", "backup_randomized_delay": "0"}))
     try:
-        deadline = time.time() + 40
-        new = []
-        while time.time() < deadline and not new:
-            time.sleep(2)
-            new = sorted(set(sets(host)) - set(before))
-        assert new, "the timer did not start a backup within 40 s"
+        props = host.check_output("systemctl show %s.timer -p TimersCalendar -p AccuracyUSec" % UNIT)
+        assert "OnCalendar=*-*-* *:*:00/10" in props and "AccuracyUSec=1s" in props, props
+        new = wait_for_verified_set(host, before, success_before, 40)
+        assert new, "the timer did not write a complete set (set, sidecar, metrics) within 40 s"
     finally:
-        host.run_expect([0], "rm -rf %(d)s && systemctl daemon-reload && systemctl restart %(u)s.timer"
-                        % {"d": dropin, "u": UNIT})
-    assert "OnCalendar=*-*-* 00:00:00 ;" in host.check_output("systemctl show %s.timer -p TimersCalendar" % UNIT)
+        _converge_schedule()
+    for name in new:
+        assert_verified(host, name)
+    props = host.check_output("systemctl show %s.timer -p TimersCalendar -p RandomizedDelayUSec" % UNIT)
+    assert "OnCalendar=*-*-* 00:00:00 ;" in props
+    assert "RandomizedDelayUSec=30min" in props
+
+
+def test_cron_runs_the_job_on_its_own(cron_host):
+    if "cron_started" not in STATE:  # run alone (-k): start it here
+        test_cron_daemon_starts(cron_host)
+    timeout = STATE["cron_started"] + CRON_WAIT - time.time()
+    new = wait_for_verified_set(cron_host, STATE["cron_before"], STATE["cron_success_before"], max(timeout, 2))
+    assert new, "cron did not run the job within %d s of its start" % CRON_WAIT
+    for name in new:
+        assert_verified(cron_host, name)
