@@ -48,8 +48,7 @@ def tmpfs(tmp_path):
         path.mkdir()
         proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0750" % size, "tmpfs", str(path)],
                               capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            pytest.skip("cannot mount a tmpfs here: %s" % proc.stderr.strip())
+        helpers.require(proc.returncode == 0, "cannot mount a tmpfs here: %s" % proc.stderr.strip())
         mounted.append(str(path))
         return str(path)
 

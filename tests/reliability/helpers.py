@@ -9,11 +9,14 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+
+import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 COLLECTION = HERE.parents[1]                # .../ansible_collections/runbook/sqlite_app
@@ -129,8 +132,10 @@ class Writer:
         assert self.proc.stdout.readline().strip() == "ready"
 
     def stop(self) -> set[int]:
+        died = self.proc.poll()   # a writer that died on its own wrote nothing during the fault
         self.proc.send_signal(signal.SIGKILL)   # an app crash: only what it reported counts
         out, _err = self.proc.communicate()
+        assert died is None, "the writer process exited early (rc %s)" % died
         return {int(line) for line in out.split() if line.isdigit()}
 
 
@@ -140,17 +145,94 @@ def run_timed(cmd, timeout=120, **kwargs) -> tuple[subprocess.CompletedProcess, 
     return proc, time.monotonic() - started
 
 
-def kill_at(cmd, delay: float) -> tuple[bool, subprocess.Popen]:
-    """Start ``cmd``, SIGKILL it after ``delay`` seconds; True when it was still running (kill landed)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
-    time.sleep(delay)
-    landed = proc.poll() is None
-    if landed:
-        proc.kill()
-    proc.wait()
-    proc.stderr.close()
-    return landed, proc
-
-
 def list_dir(directory) -> list[str]:
     return sorted(os.listdir(directory))
+
+
+def require(condition, why: str) -> None:
+    """Skip when a tool or privilege the test needs is missing, except in CI (``CI=true``): .ci/run
+    installs everything and runs as root, so a missing tool there is a broken CI image, not a skip."""
+    if condition:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("CI=true and this test cannot run: %s" % why, pytrace=False)
+    pytest.skip(why)
+
+
+def require_module(name: str):
+    """``pytest.importorskip`` through ``require``: a missing module fails the run in CI."""
+    try:
+        return __import__(name)
+    except ImportError as exc:
+        require(False, "python module %s not importable: %s" % (name, exc))
+
+
+def require_tools(*names: str) -> None:
+    missing = [name for name in names if not shutil.which(name)]
+    require(not missing, "not installed: %s" % ", ".join(missing))
+
+
+class Watch:
+    """What ``watch_run`` saw of one run: seconds from the start (``None`` when never seen)."""
+
+    def __init__(self):
+        self.first_temp = None      # a ``.runbook-tmp-*`` entry first seen in the watched directory
+        self.last_temp = None       # last poll that still saw one
+        self.ended = None           # the process exited on its own (or was reaped after the kill)
+        self.killed_at = None       # SIGKILL sent while the process was still running
+        self.returncode = None
+        self.stderr = ""
+
+    @property
+    def landed(self) -> bool:
+        """The kill hit a running process."""
+        return self.killed_at is not None
+
+    @property
+    def in_window(self) -> bool:
+        """The kill hit a running process after it had created its first temp file."""
+        return self.killed_at is not None and self.first_temp is not None
+
+
+def watch_run(cmd, directory, kill_after: float | None = None, poll: float = 0.0005,
+              timeout: float = 120) -> Watch:
+    """Start ``cmd`` and poll ``directory`` (every ``poll`` s) for the engine's temp entries.
+
+    ``kill_after``: SIGKILL the process that many seconds after its first temp entry appeared (a
+    real kill of the real engine, timed from what it visibly did); ``None`` lets it finish, which
+    measures the window. A run that never makes a temp entry is not killed.
+    """
+    seen = Watch()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    started = time.monotonic()
+    try:
+        while proc.poll() is None:
+            now = time.monotonic() - started
+            if now > timeout:
+                raise AssertionError("%s still running after %ss" % (cmd[-1], timeout))
+            try:
+                has_temp = any(name.startswith(TEMP_PREFIX) for name in os.listdir(directory))
+            except FileNotFoundError:
+                has_temp = False
+            if has_temp:
+                if seen.first_temp is None:
+                    seen.first_temp = now
+                seen.last_temp = now
+            if kill_after is not None and seen.first_temp is not None:
+                # sleep straight to the chosen moment (polling would round it up to the interval)
+                time.sleep(max(0.0, started + seen.first_temp + kill_after - time.monotonic()))
+                if proc.poll() is None:
+                    proc.kill()
+                    seen.killed_at = time.monotonic() - started
+                break
+            time.sleep(poll)
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        seen.ended = time.monotonic() - started
+        seen.returncode = proc.returncode
+        seen.stderr = proc.stderr.read().decode("utf-8", "replace")
+        proc.stderr.close()
+    return seen

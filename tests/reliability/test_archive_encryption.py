@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -22,7 +23,14 @@ sys.path.insert(0, helpers.BUILD)
 from ansible_collections.runbook.sqlite_app.plugins.module_utils import _backupset as bs  # noqa: E402
 from ansible_collections.runbook.sqlite_app.plugins.module_utils._errors import RunbookError  # noqa: E402
 
-needs_age = pytest.mark.skipif(not shutil.which("age"), reason="age not installed")
+
+def needs_age(test):
+    """Skip without age/age-keygen, but fail in CI (helpers.require)."""
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        helpers.require_tools("age", "age-keygen")
+        return test(*args, **kwargs)
+    return wrapper
 
 
 def keypair(directory):
@@ -95,8 +103,8 @@ KINDS = ["dotdot", "absolute", "symlink_out", "symlink_abs", "device", "hardlink
 @pytest.mark.parametrize("encrypted", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 def test_hostile_archive_refused(tmp_path, kind, encrypted):
-    if encrypted and not shutil.which("age"):
-        pytest.skip("age not installed")
+    if encrypted:
+        helpers.require_tools("age", "age-keygen")
     sets, root = tmp_path / "sets", tmp_path / "root"
     sets.mkdir()
     root.mkdir()
@@ -141,6 +149,17 @@ def test_encrypted_roundtrip_cli(tmp_path):
     assert raw.startswith(b"age-encryption.org/v1")
     assert b"plain-text-marker" not in raw and b"manifest" not in raw and b"SQLite format" not in raw
     assert open(result["path"] + ".sha256").read().split()[0] == hashlib.sha256(raw).hexdigest()
+    # the manifest inside says so (readable only after decryption: through the engine, with an identity)
+    manifest = bs.verify_set(result["path"], identity=identity)
+    assert manifest["encrypted"] is True and manifest["name"] == result["name"]
+    assert [item["encrypted"] for item in bs.list_sets(str(sets))] == [True]
+    with pytest.raises(RunbookError, match="encrypted with age; give identity_file"):
+        bs.verify_set(result["path"])
+    # and a plain set's manifest says it is not (the check above can fail)
+    plain_dir = tmp_path / "plain"
+    plain_dir.mkdir()
+    plain = bs.backup({"databases": [db], "dest": str(plain_dir)})
+    assert bs.verify_set(plain["path"])["encrypted"] is False and plain["encrypted"] is False
     # either recipient can restore; a stranger cannot; without identity a clear error
     stranger, _public = keypair(tmp_path)
     for ident, ok in ((identity, True), (other_identity, True), (stranger, False), (None, False)):
@@ -150,15 +169,25 @@ def test_encrypted_roundtrip_cli(tmp_path):
         config = helpers.write_json(tmp_path / "d.json", params)
         proc, _elapsed = helpers.run_timed(helpers.engine_cmd("_backupset", "drill", "--config", config))
         assert (proc.returncode == 0) == ok, proc.stderr
-        if not ok:
-            assert ("no identity matched" in proc.stderr) if ident else ("identity_file" in proc.stderr)
-            assert "Traceback" not in proc.stderr
+        if ok:
+            continue
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr   # one line, no traceback
+        message = lines[0]
+        assert result["path"] in message, message   # names the set
+        if ident:
+            # names the identity used, says why, and what to check
+            assert ("cannot decrypt the set with identity_file %s" % ident) in message, message
+            assert "no identity matched" in message and "wrong identity_file?" in message, message
+        else:
+            assert "encrypted with age" in message and "identity_file" in message, message
+        assert "AGE-SECRET-KEY" not in message
     # a real restore replaces the live files
     env_file.write_text("API_TOKEN=changed\n")
     restored = bs.restore({"src": str(sets), "force": True, "identity_file": identity})
     assert str(env_file) in restored["restored"]
     assert env_file.read_text() == "API_TOKEN=plain-text-marker-123456\n"
-    helpers.record("encryption", roundtrips=2, wrong_identity_refused=2)
+    helpers.record("encryption", roundtrips=2, wrong_identity_refused=2, manifests_checked=2)
 
 
 @needs_age

@@ -3,8 +3,12 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """kill -9 at random moments: backup, restore, secret rotation, certificate installation.
 
-Each fault: measure a normal run, then RUNS times start the real engine in a subprocess, SIGKILL it
-after a random delay within the measured duration, check the invariants, and run it again.
+Each fault: measure normal runs of the real engine while polling its directory for the first
+``.runbook-tmp-*`` entry (the start of the write window), then RUNS times start it in a subprocess,
+wait until it has made its first temp entry, SIGKILL it after a random extra delay drawn from the
+measured rest of the run, check the invariants, and run it again. A kill before the first temp
+entry finds nothing written, so none is spent there; each test asserts that a share of its kills
+really hit the window (temp files left behind, a rename done, or both outcomes seen).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ sys.path.insert(0, helpers.BUILD)
 
 from ansible_collections.runbook.sqlite_app.plugins.module_utils import _backupset as bs  # noqa: E402
 from ansible_collections.runbook.sqlite_app.plugins.module_utils import _dotenv  # noqa: E402
+from ansible_collections.runbook.sqlite_app.plugins.module_utils._errors import RunbookError  # noqa: E402
 
 DB_MIB = 48 if helpers.SOAK else 24
 
@@ -31,12 +36,39 @@ def _rng(name):
     return random.Random(seed)
 
 
-def _verify_published(dest):
-    """Every set under a final name verifies; returns the number of sets."""
+def _calibrate(make_cmd, directory, runs=3, before=None):
+    """Medians of ``runs`` normal runs: (temp lifetime, rest of the run after the first temp entry,
+    duration). ``before()`` runs ahead of each run (e.g. a reset)."""
+    lifetimes, rests, durations = [], [], []
+    for run in range(runs):
+        if before:
+            before()
+        seen = helpers.watch_run(make_cmd(run), directory, poll=0.0002)
+        assert seen.returncode == 0, seen.stderr
+        assert seen.first_temp is not None, "no %s* entry seen in %s during a normal run" % (
+            helpers.TEMP_PREFIX, directory)
+        lifetimes.append(seen.last_temp - seen.first_temp)
+        rests.append(seen.ended - seen.first_temp)
+        durations.append(seen.ended)
+    return sorted(lifetimes)[runs // 2], sorted(rests)[runs // 2], sorted(durations)[runs // 2]
+
+
+def _verify_published(dest, being_pruned=()):
+    """Every set under a final name verifies; returns the number of sets.
+
+    ``being_pruned``: sets that existed before a killed run. Retention removes a set's checksum file
+    first, then the set (_backupset._prune), so a kill between the two leaves an old, complete set
+    without its checksum file: allowed for those only (restore refuses it, the next run prunes it),
+    never for a set the killed run published."""
     sets = bs.list_sets(dest)
     for item in sets:
-        assert item["verified"], "%s has no checksum file" % item["name"]
-        bs.verify_set(os.path.join(dest, item["name"]))
+        path = os.path.join(dest, item["name"])
+        if not item["verified"]:
+            assert item["name"] in being_pruned, "%s has no checksum file" % item["name"]
+            with pytest.raises(RunbookError, match="checksum file .* is missing"):
+                bs.verify_set(path)
+            continue
+        bs.verify_set(path)
     for name in os.listdir(dest):
         if name.endswith(".sha256") and not name.startswith(helpers.TEMP_PREFIX):
             assert os.path.exists(os.path.join(dest, name[:-7])) or bs.parse_set_name(name[:-7])
@@ -54,20 +86,29 @@ def test_kill_backup(tmp_path):
         "databases": [db], "extra_paths": [str(app / ".env")], "root": str(app), "dest": str(dest),
         "keep_last": 2, "lock_timeout": 30})
     cmd = helpers.engine_cmd("_backupset", "backup", "--config", config)
-    proc, duration = helpers.run_timed(cmd)
-    assert proc.returncode == 0, proc.stderr
-    landed = left_temps = orphan_sidecars = lost = 0
-    next_row = 0
+    writer = helpers.Writer(db, 0)   # measured under the same load as the killed runs
+    _lifetime, rest, duration = _calibrate(lambda _run: cmd, str(dest))
+    writer.stop()
+    next_row = max(helpers.log_rows(db) | {0})
+    landed = in_window = left_temps = published_then_killed = orphan_sidecars = half_pruned = lost = 0
     for _run in range(helpers.RUNS):
+        sets_before = set(item["name"] for item in bs.list_sets(str(dest)))
         writer = helpers.Writer(db, next_row)
-        landed_now, _proc = helpers.kill_at(cmd, rng.uniform(0.05, duration))
+        seen = helpers.watch_run(cmd, str(dest), kill_after=rng.uniform(0, rest))
         committed = writer.stop()
-        next_row = max(committed | {next_row})
-        landed += landed_now
-        left_temps += bool(helpers.temps(dest))
+        # a writer killed between its commit and its report leaves one row it never reported
+        next_row = max(committed | helpers.log_rows(db) | {next_row})
+        landed += seen.landed
+        in_window += seen.in_window
+        left = bool(helpers.temps(dest))
+        left_temps += left
+        published = bool(set(item["name"] for item in bs.list_sets(str(dest))) - sets_before)
+        published_then_killed += seen.landed and published
         names = os.listdir(dest)
         orphan_sidecars += sum(1 for n in names if n.endswith(".sha256") and n[:-7] not in names)
-        _verify_published(dest)
+        # a kill during retention: the set being pruned may have lost its checksum file already
+        _verify_published(dest, being_pruned=sets_before)
+        half_pruned += sum(1 for item in bs.list_sets(str(dest)) if not item["verified"])
         assert helpers.integrity(db) == ["ok"]
         missing = committed - helpers.log_rows(db)
         lost += len(missing)
@@ -79,8 +120,14 @@ def test_kill_backup(tmp_path):
         assert all(not n.endswith(".sha256") or n[:-7] in os.listdir(dest) for n in os.listdir(dest))
         assert _verify_published(dest) >= 1
     helpers.record("crash.backup", runs=helpers.RUNS, faults=helpers.RUNS, kills_landed_mid_run=landed,
-                   kills_leaving_temp_files=left_temps, orphan_sidecars_after_kill=orphan_sidecars,
-                   committed_rows_lost=lost, normal_run_seconds=round(duration, 2), db_mib=DB_MIB)
+                   kills_in_write_window=in_window, kills_leaving_temp_files=left_temps,
+                   kills_after_publish=published_then_killed, orphan_sidecars_after_kill=orphan_sidecars,
+                   half_pruned_sets_after_kill=half_pruned,
+                   committed_rows_lost=lost, normal_run_seconds=round(duration, 2),
+                   write_window_seconds=round(rest, 3), db_mib=DB_MIB)
+    # the kills must have hit the write window, not only start-up (kills after it are safe trivially)
+    assert left_temps + published_then_killed >= 0.3 * helpers.RUNS, (left_temps, published_then_killed)
+    assert in_window >= 0.5 * helpers.RUNS, in_window
 
 
 def test_kill_restore(tmp_path):
@@ -100,40 +147,61 @@ def test_kill_restore(tmp_path):
     env_path.write_text("TOKEN=old-value\n")
     old_db, old_env = helpers.sha256(db), env_path.read_bytes()
     shutil.copy(db, tmp_path / "old.db")
+    sets_before = {name: helpers.sha256(dest / name) for name in os.listdir(dest)}
     config = helpers.write_json(tmp_path / "restore.json", {"src": str(dest), "force": True, "safety_copy": False})
     cmd = helpers.engine_cmd("_backupset", "restore", "--config", config)
-    proc, duration = helpers.run_timed(cmd)
-    assert proc.returncode == 0, proc.stderr
-    assert helpers.sha256(db) == new_db
 
     def reset():
         shutil.copy(tmp_path / "old.db", app / "reset.tmp")
         os.replace(app / "reset.tmp", db)
         env_path.write_bytes(old_env)
 
-    landed = left_temps = got_old = got_new = mixed = 0
+    _lifetime, rest, duration = _calibrate(lambda _run: cmd, str(app), before=reset)
+    assert helpers.sha256(db) == new_db and env_path.read_bytes() == new_env
+
+    landed = in_window = left_temps = got_old = got_new = 0
+    new_db_old_env = old_db_new_env = 0
     for _run in range(helpers.RUNS):
         reset()
-        landed_now, _proc = helpers.kill_at(cmd, rng.uniform(0.05, duration))
-        landed += landed_now
-        left_temps += bool(helpers.temps(app))
+        seen = helpers.watch_run(cmd, str(app), kill_after=rng.uniform(0, rest))
+        landed += seen.landed
+        in_window += seen.in_window
+        left = bool(helpers.temps(app))
+        left_temps += left
+        # each file on its own: byte for byte the old one or the new one, never a mix
         state = helpers.sha256(db)
         assert state in (old_db, new_db), "live database is neither the old nor the new one"
-        assert env_path.read_bytes() in (old_env, new_env)
+        env_now = env_path.read_bytes()
+        assert env_now in (old_env, new_env), "live .env is neither the old nor the new one"
         for extra in ("-wal", "-journal"):   # no stale journal next to the (old or new) file
             assert not os.path.exists(db + extra)
         assert helpers.integrity(db, immutable=True) == ["ok"]
         got_old += state == old_db
         got_new += state == new_db
-        mixed += (state == new_db) != (env_path.read_bytes() == new_env)
+        # across files a restore is NOT atomic (one rename per file): counted, not forbidden
+        new_db_old_env += state == new_db and env_now == old_env
+        old_db_new_env += state == old_db and env_now == new_env
         proc, _elapsed = helpers.run_timed(cmd)
         assert proc.returncode == 0, proc.stderr
         assert helpers.sha256(db) == new_db and env_path.read_bytes() == new_env
         assert helpers.temps(app) == []
+    # the sets themselves are only read
+    assert {name: helpers.sha256(dest / name) for name in os.listdir(dest)} == sets_before
     helpers.record("crash.restore", runs=helpers.RUNS, faults=helpers.RUNS, kills_landed_mid_run=landed,
-                   kills_leaving_temp_files=left_temps, left_old_db=got_old, left_new_db=got_new,
-                   db_and_env_from_different_states=mixed, mixed_db_files=0,
-                   normal_run_seconds=round(duration, 2))
+                   kills_in_write_window=in_window, kills_leaving_temp_files=left_temps, left_old_db=got_old,
+                   left_new_db=got_new, db_and_env_from_different_states=new_db_old_env + old_db_new_env,
+                   new_db_with_old_env=new_db_old_env, old_db_with_new_env=old_db_new_env, mixed_db_files=0,
+                   mixed_env_files=0, normal_run_seconds=round(duration, 2), write_window_seconds=round(rest, 3))
+    assert left_temps + got_new >= 0.3 * helpers.RUNS, (left_temps, got_new)
+    assert in_window >= 0.5 * helpers.RUNS, in_window
+
+
+def _stratified_delay(rng, run, lifetime, rest):
+    """Even runs: a moment while the temp file exists (measured lifetime); odd runs: a moment in the
+    rest of the run (after the rename: directory fsync, exit). Both are real kills of a real run."""
+    if run % 2 == 0:
+        return rng.uniform(0, lifetime)
+    return rng.uniform(lifetime, max(rest, lifetime))
 
 
 SECRETS_SCRIPT = r"""
@@ -152,19 +220,22 @@ def test_kill_secret_rotation(tmp_path):
     env_path = conf / ".env"
     # a big .env (many other entries) makes parse/serialize/write take measurable time
     env_path.write_text("".join("OTHER_%d=value-%d # comment\n" % (i, i) for i in range(3000)))
+    others = _dotenv.parse(env_path.read_bytes(), str(env_path)).get("OTHER_2999").value
     cmd = [helpers.PYTHON, "-c", SECRETS_SCRIPT % {"build": helpers.BUILD, "count": count}, str(env_path)]
-    proc, duration = helpers.run_timed(cmd)
-    assert proc.returncode == 0, proc.stderr
-    landed = left_temps = all_old = all_new = 0
-    for _run in range(helpers.RUNS):
+    lifetime, rest, duration = _calibrate(lambda _run: cmd, str(conf))
+    landed = in_window = left_temps = all_old = all_new = 0
+    for run in range(helpers.RUNS):
         before = _values(env_path, count)
-        landed_now, _proc = helpers.kill_at(cmd, rng.uniform(0.05, duration))
-        landed += landed_now
+        seen = helpers.watch_run(cmd, str(conf), kill_after=_stratified_delay(rng, run, lifetime, rest),
+                                 poll=0.0002)
+        landed += seen.landed
+        in_window += seen.in_window
         left_temps += bool(helpers.temps(conf))
         after = _values(env_path, count)   # parses, or the test fails here
         changed = [k for k in before if before[k] != after[k]]
         assert changed in ([], list(before)), "a mix of old and new values: %d of %d changed" % (
             len(changed), len(before))
+        assert _dotenv.parse(env_path.read_bytes(), str(env_path)).get("OTHER_2999").value == others
         all_old += not changed
         all_new += bool(changed)
         assert os.stat(env_path).st_mode & 0o777 == 0o600
@@ -172,8 +243,12 @@ def test_kill_secret_rotation(tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert helpers.temps(conf) == []
     helpers.record("crash.secret_rotate", runs=helpers.RUNS, faults=helpers.RUNS, kills_landed_mid_run=landed,
-                   kills_leaving_temp_files=left_temps, left_all_old=all_old, left_all_new=all_new, mixed=0,
-                   normal_run_seconds=round(duration, 2))
+                   kills_in_write_window=in_window, kills_leaving_temp_files=left_temps, left_all_old=all_old,
+                   left_all_new=all_new, mixed=0, normal_run_seconds=round(duration, 2),
+                   temp_file_lifetime_ms=round(lifetime * 1000, 2))
+    # kills landed on both sides of the rename: before it (old values) and after it (new values)
+    assert all_old >= 1 and all_new >= 1, (all_old, all_new)
+    assert in_window >= 0.5 * helpers.RUNS, in_window
 
 
 def _values(path, count):
@@ -191,40 +266,56 @@ install({"source": "self_signed", "common_name": sys.argv[2], "dest_dir": sys.ar
 
 
 def test_kill_cert_install(tmp_path):
-    pytest.importorskip("cryptography")
+    helpers.require_module("cryptography")
     rng = _rng("certs")
     certs = tmp_path / "certs"
     certs.mkdir()
     script = CERT_SCRIPT % {"build": helpers.BUILD}
-    proc, duration = helpers.run_timed([helpers.PYTHON, "-c", script, str(certs), "first.example"])
-    assert proc.returncode == 0, proc.stderr
-    landed = left_temps = kept_old = got_new = 0
+
+    def cmd_for(run):   # a new name forces a new pair
+        return [helpers.PYTHON, "-c", script, str(certs), "host%d.example" % run]
+
+    lifetime, rest, duration = _calibrate(lambda run: cmd_for(1000 + run), str(certs))
+    landed = in_window = left_temps = kept_old = got_new = new_key_old_cert = 0
     for run in range(helpers.RUNS):
         before = _pair(certs)
-        cmd = [helpers.PYTHON, "-c", script, str(certs), "host%d.example" % run]  # a new name forces a new pair
-        landed_now, _proc = helpers.kill_at(cmd, rng.uniform(0.05, duration * 1.2))
-        landed += landed_now
+        assert before[2], "certificate and key do not match before the kill"
+        seen = helpers.watch_run(cmd_for(run), str(certs), kill_after=_stratified_delay(rng, run, lifetime, rest),
+                                 poll=0.0002)
+        landed += seen.landed
+        in_window += seen.in_window
         left_temps += bool(helpers.temps(certs))
-        after = _pair(certs)   # asserts the pair matches
-        kept_old += after == before
-        got_new += after != before
-        proc, _elapsed = helpers.run_timed(cmd)
+        after = _pair(certs)   # both files parse (never a partial file), key mode 0600
+        if after[2]:
+            kept_old += after == before
+            got_new += after != before
+        else:
+            # the one window left (docs/RELIABILITY.md): the key is renamed first, then the
+            # certificate, so a mismatch can only be a new key beside the old certificate, never a
+            # new certificate beside an old key
+            assert after[0] == before[0] and after[1] != before[1], "new certificate with an old key"
+            new_key_old_cert += 1
+        proc, _elapsed = helpers.run_timed(cmd_for(run))
         assert proc.returncode == 0, proc.stderr
         assert helpers.temps(certs) == []
-        _pair(certs)
+        assert _pair(certs)[2], "the next run left a mismatched pair"
     helpers.record("crash.cert_install", runs=helpers.RUNS, faults=helpers.RUNS, kills_landed_mid_run=landed,
-                   kills_leaving_temp_files=left_temps, left_old_pair=kept_old, left_new_pair=got_new,
-                   mismatched_pairs=0, normal_run_seconds=round(duration, 2))
+                   kills_in_write_window=in_window, kills_leaving_temp_files=left_temps, left_old_pair=kept_old,
+                   left_new_pair=got_new, new_key_with_old_cert=new_key_old_cert, new_cert_with_old_key=0,
+                   normal_run_seconds=round(duration, 2), temp_file_lifetime_ms=round(lifetime * 1000, 2))
+    assert kept_old >= 1 and got_new >= 1, (kept_old, got_new)
+    assert in_window >= 0.5 * helpers.RUNS, in_window
 
 
 def _pair(certs):
+    """(certificate fingerprint, public key of the key file, whether they match)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
     cert = x509.load_pem_x509_certificate((certs / "server.crt").read_bytes())
     key = serialization.load_pem_private_key((certs / "server.key").read_bytes(), None)
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    assert cert.public_key().public_bytes(serialization.Encoding.DER, spki) == \
-        key.public_key().public_bytes(serialization.Encoding.DER, spki), "certificate and key do not match"
+    key_public = key.public_key().public_bytes(serialization.Encoding.DER, spki)
     assert os.stat(certs / "server.key").st_mode & 0o777 == 0o600
-    return cert.fingerprint(cert.signature_hash_algorithm).hex()
+    return (cert.fingerprint(cert.signature_hash_algorithm).hex(), key_public,
+            cert.public_key().public_bytes(serialization.Encoding.DER, spki) == key_public)

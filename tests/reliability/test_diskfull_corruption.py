@@ -26,32 +26,46 @@ def _pubkey(tmp_path):
     return identity, proc.stderr.split()[-1]
 
 
+def _snapshot_dir(directory):
+    """{name: sha256} of every file in ``directory`` (sets, sidecars, the lock file)."""
+    return {name: helpers.sha256(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
+            if os.path.isfile(os.path.join(directory, name))}
+
+
 @pytest.mark.parametrize("variant", ["zstd", "gzip", "none", "age"])
 def test_backup_disk_full(tmp_path, tmpfs, variant):
-    if variant == "age" and not shutil.which("age"):
-        pytest.skip("age not installed")
+    if variant == "age":
+        helpers.require_tools("age", "age-keygen")
     dest = tmpfs("dest", "1m")
     small = helpers.make_db(tmp_path / "small.db", mib=0.05)
     big = helpers.make_db(tmp_path / "big.db", mib=3)   # incompressible: cannot fit in 1 MiB
     extra = {}
     if variant == "age":
-        _identity, pub = _pubkey(tmp_path)
+        identity, pub = _pubkey(tmp_path)
         extra["encrypt_recipients"] = [pub]
     compression = "zstd" if variant == "age" else variant
-    first = bs.backup(dict({"databases": [small], "dest": dest, "compression": compression}, **extra))
-    before = {name: helpers.sha256(os.path.join(dest, name)) for name in os.listdir(dest)}
+    base = dict({"databases": [small], "dest": dest, "compression": compression, "name_prefix": "backup"}, **extra)
+    # two existing sets (one per second: the engine waits for the next second itself)
+    existing = [bs.backup(base)["name"] for _run in range(2)]
+    assert [item["name"] for item in bs.list_sets(dest)] == existing[::-1]
+    before = _snapshot_dir(dest)
+    assert len([name for name in before if name.endswith(".sha256")]) == 2
     source = helpers.sha256(big)
+    # keep_last=2: on success the new set would be kept with the newer existing one and the older
+    # existing set pruned; a run that fails must prune nothing
     with pytest.raises(RunbookError, match="no space left") as err:
-        bs.backup(dict({"databases": [big], "dest": dest, "compression": compression, "keep_last": 1,
-                        "name_prefix": "backup"}, **extra))
+        bs.backup(dict(base, databases=[big], keep_last=2))
     assert dest in str(err.value)
     assert helpers.temps(dest) == []
-    after = {name: helpers.sha256(os.path.join(dest, name)) for name in os.listdir(dest)}
-    assert after == before, "existing sets changed or retention deleted one"
-    if variant != "age":
-        bs.verify_set(first["path"])
+    assert _snapshot_dir(dest) == before, "existing sets or sidecars changed, or retention deleted one"
+    for name in existing:
+        bs.verify_set(os.path.join(dest, name), identity=str(identity) if variant == "age" else None)
     assert helpers.sha256(big) == source and helpers.integrity(big) == ["ok"]
-    helpers.record("disk_full.backup", faults=1, clear_error=1, sets_lost=0)
+    # the same retention on a run that fits prunes exactly the older set: the check above could fail
+    made = bs.backup(dict(base, keep_last=2))
+    assert made["pruned"] == [existing[0]] and sorted(made["kept"]) == sorted([existing[1], made["name"]])
+    helpers.record("disk_full.backup", faults=1, clear_error=1, existing_sets=len(existing), sets_lost=0,
+                   sidecars_changed=0)
 
 
 def test_restore_disk_full(tmp_path, tmpfs):
@@ -67,11 +81,14 @@ def test_restore_disk_full(tmp_path, tmpfs):
     os.makedirs(os.path.dirname(source_path))
     shutil.copy(db, source_path)
     live_hash = helpers.sha256(source_path)
+    sets_before = _snapshot_dir(sets)
+    live_before = sorted(os.listdir(os.path.dirname(source_path)))
     with pytest.raises(RunbookError, match="no space left"):
         bs.restore({"src": str(sets), "dest_root": live, "force": True})
     assert helpers.sha256(source_path) == live_hash
-    assert helpers.temps(os.path.dirname(source_path)) == []
-    helpers.record("disk_full.restore", faults=1, clear_error=1, live_db_changed=0)
+    assert sorted(os.listdir(os.path.dirname(source_path))) == live_before   # no temp, no safety copy
+    assert _snapshot_dir(sets) == sets_before, "the sets directory changed"
+    helpers.record("disk_full.restore", faults=1, clear_error=1, live_db_changed=0, sets_changed=0)
 
 
 # ---------------------------------------------------------------------------------------------

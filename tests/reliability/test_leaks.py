@@ -8,6 +8,7 @@ key line is searched for in all output, the registered results and the backup ma
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import shutil
@@ -16,7 +17,6 @@ import sys
 import textwrap
 
 import helpers
-import pytest
 
 sys.path.insert(0, helpers.BUILD)
 
@@ -104,11 +104,44 @@ def _secrets_in(root):
     return {value for value in found if len(value) >= 8}
 
 
+CALLBACK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "callback_plugins")
+
+
+def _ansible_env(tmp_path):
+    environ = helpers.env()
+    environ.update(ANSIBLE_COLLECTIONS_PATH=helpers.BUILD, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
+                   ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
+                   ANSIBLE_HOME=str(tmp_path / "ansible-home"),
+                   # record every result callbacks receive (returned values, facts, diffs): see the plugin
+                   ANSIBLE_CALLBACK_PLUGINS=CALLBACK_DIR, ANSIBLE_CALLBACKS_ENABLED="record_results")
+    return environ
+
+
+def _recorded(path):
+    """The JSON lines record_results wrote for one playbook run: (text, parsed events)."""
+    assert os.path.exists(path), "the record_results callback wrote nothing (not loaded?)"
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    events = [json.loads(line) for line in text.splitlines()]
+    assert events and events[-1]["event"] == "stats", "the recording ended early: %s" % path
+    return text, events
+
+
+def _manifests(root):
+    """repr() of the manifest of every set under ``root`` (read through the engine's verify_set)."""
+    found = {}
+    for dirpath, _dirs, _files in os.walk(str(root)):
+        for item in bs.list_sets(dirpath):
+            path = os.path.join(dirpath, item["name"])
+            assert not item["encrypted"], "an encrypted set; give the test its identity: %s" % path
+            found["manifest of " + os.path.relpath(path, str(root))] = repr(bs.verify_set(path))
+    return found
+
+
 def test_no_secret_in_output_results_or_manifests(tmp_path):
-    pytest.importorskip("cryptography")
+    helpers.require_module("cryptography")
     playbook_cmd = shutil.which("ansible-playbook", path=os.path.dirname(helpers.PYTHON))
-    if not playbook_cmd:
-        pytest.skip("ansible-playbook not found next to %s" % helpers.PYTHON)
+    helpers.require(playbook_cmd, "ansible-playbook not found next to %s" % helpers.PYTHON)
     root = tmp_path / "app"
     root.mkdir()
     for sub in ("backups", "certs", "certs2"):
@@ -118,33 +151,37 @@ def test_no_secret_in_output_results_or_manifests(tmp_path):
     _make_source_pair(str(root / "src"))
     (tmp_path / "play.yml").write_text(PLAYBOOK)
     supplied = "supplied-token-6f1d0c2a9e"
-    environ = helpers.env()
-    environ.update(ANSIBLE_COLLECTIONS_PATH=helpers.BUILD, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
-                   ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
-                   ANSIBLE_HOME=str(tmp_path / "ansible-home"))
+    environ = _ansible_env(tmp_path)
     outputs = []
+    haystacks = {}
     seen_secrets = _secrets_in(root) | {supplied}
     for run_id, extra in enumerate((["--check"], [])):
+        environ["RUNBOOK_RECORD_RESULTS"] = str(tmp_path / ("results-%d.jsonl" % run_id))
         cmd = [playbook_cmd, "-i", "localhost,", "-c", "local", "-vvv", "--diff", *extra,
                "-e", "ansible_python_interpreter=%s" % helpers.PYTHON, "-e", "app_root=%s" % root,
                "-e", "supplied_token=%s" % supplied, "-e", "run_id=%d" % run_id, str(tmp_path / "play.yml")]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=environ, timeout=300, check=False)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         outputs.append(proc.stdout + proc.stderr)
+        text, events = _recorded(environ["RUNBOOK_RECORD_RESULTS"])
+        # the recording holds the returned values: the five tasks, the backup's kept/pruned lists
+        assert sum(event["event"] == "ok" for event in events) >= 5, events
+        assert any("kept" in event["data"].get("result", {}) for event in events), "no backup result recorded"
+        haystacks["recorded results %d" % run_id] = text
         seen_secrets |= _secrets_in(root)
-    haystacks = {"playbook output %d" % i: text for i, text in enumerate(outputs)}
+    haystacks.update({"playbook output %d" % i: text for i, text in enumerate(outputs)})
     for dump in root.glob("dump-*.json"):
         haystacks[dump.name] = dump.read_text()
-    for item in bs.list_sets(str(root / "backups")):
-        manifest = bs.verify_set(str(root / "backups" / item["name"]))
-        haystacks["manifest of " + item["name"]] = repr(manifest)
+    manifests = _manifests(root / "backups")
+    assert len(manifests) == 1, manifests.keys()   # the real run wrote one set; check mode none
+    haystacks.update(manifests)
     # the -e command line carries the supplied value on purpose; it is not output of ours
     leaks = [(where, secret[:6] + "...") for where, text in haystacks.items() for secret in seen_secrets
              if secret in text.replace("supplied_token=" + supplied, "")]
-    assert len(seen_secrets) >= 8 and len(haystacks) >= 4
+    assert len(seen_secrets) >= 8 and len(haystacks) >= 6
     assert not leaks, leaks
     helpers.record("leaks", playbook_runs=len(outputs), secrets_tracked=len(seen_secrets),
-                   places_searched=len(haystacks), leaks=len(leaks))
+                   places_searched=len(haystacks), manifests_searched=len(manifests), leaks=len(leaks))
 
 
 # Every runbook of the collection, by FQCN, on localhost with the demo's inventory: real run first
@@ -161,34 +198,46 @@ RUNBOOKS = [
 
 
 def test_runbook_playbooks_leak_nothing(tmp_path):
-    pytest.importorskip("cryptography")
+    helpers.require_module("cryptography")
     playbook_cmd = shutil.which("ansible-playbook", path=os.path.dirname(helpers.PYTHON))
-    if not playbook_cmd:
-        pytest.skip("ansible-playbook not found next to %s" % helpers.PYTHON)
+    helpers.require(playbook_cmd, "ansible-playbook not found next to %s" % helpers.PYTHON)
     collection = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     inventory = os.path.join(collection, "examples", "demo", "inventory.yml")
     app = tmp_path / "app"
     (app / ".data").mkdir(parents=True)
     helpers.make_db(app / ".data" / "app.db", mib=0.05)
-    environ = helpers.env()
-    environ.update(ANSIBLE_COLLECTIONS_PATH=helpers.BUILD, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
-                   ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_HOME=str(tmp_path / "ansible-home"))
+    environ = _ansible_env(tmp_path)
     common = ["-i", inventory, "-vvv", "--diff", "-e", "ansible_python_interpreter=%s" % helpers.PYTHON,
               "-e", "sqlite_app_root=%s" % app, "-e", "sqlite_app_user=%s" % pwd.getpwuid(os.getuid()).pw_name,
               "-e", "sqlite_app_group=%s" % grp.getgrgid(os.getgid()).gr_name,
               "-e", "sqlite_app_backup_dest=%s" % (tmp_path / "backups")]
     outputs = {}
     seen_secrets = set()
+    results = {}
+    facts = 0
     for number, (name, extra) in enumerate(RUNBOOKS):
+        label = "%02d %s %s" % (number, name, " ".join(extra))
+        environ["RUNBOOK_RECORD_RESULTS"] = str(tmp_path / ("results-%02d.jsonl" % number))
         cmd = [playbook_cmd, "runbook.sqlite_app." + name, *common, *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=environ, timeout=300, check=False)
         assert proc.returncode == 0, name + " " + " ".join(extra) + "\n" + proc.stdout[-3000:] + proc.stderr[-2000:]
-        outputs["%02d %s %s" % (number, name, " ".join(extra))] = proc.stdout + proc.stderr
+        outputs[label] = proc.stdout + proc.stderr
+        results[label], events = _recorded(environ["RUNBOOK_RECORD_RESULTS"])
+        assert sum(event["event"] == "ok" for event in events) >= 3, label
+        facts += sum(bool(event["data"].get("result", {}).get("ansible_facts")) for event in events)
         # Collect after each run: rotation replaces values, and each one ever present must stay unseen.
         seen_secrets |= _secrets_in(app / ".data")
     assert "HMAC_SECRET_PREVIOUS" in (app / ".data" / ".env").read_text(), "rotate_secrets did not rotate"
+    assert facts > 0, "no recorded result carried ansible_facts"
+    manifests = _manifests(tmp_path / "backups")
+    assert manifests, "the backup runbook wrote no set under %s" % (tmp_path / "backups")
+    haystacks = dict(outputs)
+    haystacks.update(("recorded results " + label, text) for label, text in results.items())
+    haystacks.update(manifests)
     leaks = [(where, secret[:6] + "...")
-             for where, text in outputs.items() for secret in seen_secrets if secret in text]
+             for where, text in haystacks.items() for secret in seen_secrets if secret in text]
     assert len(seen_secrets) >= 3, len(seen_secrets)  # HMAC_SECRET (old, new) and the TLS key lines
     assert not leaks, leaks
-    helpers.record("runbook leaks", playbook_runs=len(outputs), secrets_tracked=len(seen_secrets), leaks=len(leaks))
+    helpers.record("runbook leaks", playbook_runs=len(outputs), secrets_tracked=len(seen_secrets),
+                   places_searched=len(haystacks), results_recorded=sum(t.count("\n") for t in results.values()),
+                   facts_results=facts, manifests_searched=len(manifests), leaks=len(leaks))

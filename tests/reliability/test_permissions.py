@@ -23,8 +23,7 @@ APP_USER = "nobody"
 
 @pytest.fixture
 def app_tree(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to hand files to the app user")
+    helpers.require(os.geteuid() == 0, "needs root to hand files to the app user")
     user = pwd.getpwnam(APP_USER)
     root = tmp_path / "srv"
     data, certs, backups = root / ".data", root / ".data" / "certs", tmp_path / "backups"
