@@ -12,9 +12,12 @@ rewrites the APP_VERSION line below, and the behaviour follows APP_VERSION:
 
     1   schema 1: items(id, body, created_at)
     2   schema 2: adds items.tags TEXT DEFAULT ''
-    3   deliberately BROKEN: expects schema 3, but ships no migration to 3. `migrate` succeeds
-        (it stops at schema 2), the process stays up and /healthz is 200, but /readyz is 503
-        for ever. Used by the upgrade playbook's rollback tests.
+    3   deliberately BROKEN: its migration to schema 3 rewrites every row (body upper-cased,
+        tags set to 'v3') and sets user_version 3, but the code also needs a column
+        items.priority that no migration creates. `migrate` succeeds, the process stays up and
+        /healthz is 200, but /readyz is 503 for ever. So a failed upgrade to 3 has changed the
+        data: only a restore of the pre-upgrade backup brings the rows (and schema 2) back. Used
+        by the upgrade playbook's rollback tests.
     4+  healthy releases with no schema change (behave like 2), for fix-forward tests.
 """
 
@@ -48,7 +51,15 @@ _MIGRATIONS = [
     (2, [
         "ALTER TABLE items ADD COLUMN tags TEXT DEFAULT ''",
     ]),
+    # Only release 3 ships it: a data migration that changes every existing row. Releases 2 and
+    # 4+ still read a schema-3 database (newer schema: ready, with a note), with the changed rows.
+    (3, [
+        "UPDATE items SET body = upper(body), tags = 'v3'",
+    ]),
 ]
+
+# Columns of items the code of release 3 needs that no migration creates (what makes it broken).
+_V3_MISSING_COLUMNS = ("priority",)
 
 
 def expected_schema(version=None):
@@ -57,15 +68,21 @@ def expected_schema(version=None):
     if version <= 1:
         return 1
     if version == 3:
-        return 3  # the broken release: nothing below ever creates schema 3
+        return 3  # the broken release: its schema 3 lacks a column the code needs
     return 2
 
 
 def shipped_migrations(version=None):
-    """Migrations release ``version`` ships (v3 'forgot' its migration to schema 3)."""
+    """Migrations release ``version`` ships (only v3 ships the data migration to schema 3)."""
     version = APP_VERSION if version is None else version
-    top = 1 if version <= 1 else 2
+    top = 1 if version <= 1 else 3 if version == 3 else 2
     return [m for m in _MIGRATIONS if m[0] <= top]
+
+
+def required_columns(version=None):
+    """Columns of items release ``version`` cannot run without but no migration creates."""
+    version = APP_VERSION if version is None else version
+    return _V3_MISSING_COLUMNS if version == 3 else ()
 
 
 class AppError(Exception):
@@ -206,6 +223,7 @@ def readiness(cfg):
             have = schema_version(conn)
             details["schema"] = have
             conn.execute("SELECT count(*) FROM items").fetchone()
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(items)")}
         finally:
             conn.close()
     except (AppError, sqlite3.Error) as err:
@@ -215,6 +233,12 @@ def readiness(cfg):
         details["reason"] = (
             "schema %d is older than this release expects (%d); run `sample_app.py migrate`"
             % (have, want))
+        return False, details
+    missing = [name for name in required_columns() if name not in columns]
+    if missing:
+        details["reason"] = (
+            "schema %d has no column items.%s, which this release expects (no migration creates it)"
+            % (have, ", items.".join(missing)))
         return False, details
     if have > want:
         details["note"] = "schema %d is newer than this release expects (%d)" % (have, want)
@@ -435,9 +459,10 @@ def cmd_migrate(environ):
         print("%s: schema %d, nothing to migrate" % (cfg.db, after))
     else:
         print("%s: migrated schema %d -> %d" % (cfg.db, before, after))
-    if after < want:
+    if required_columns():
         # Only the deliberately broken v3 gets here: it succeeds but leaves the app not ready.
-        print("%s: note: this release expects schema %d" % (cfg.db, want))
+        print("%s: note: this release expects schema %d with column items.%s, which no migration "
+              "creates" % (cfg.db, want, ", items.".join(required_columns())))
     return 0
 
 

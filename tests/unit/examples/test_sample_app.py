@@ -415,7 +415,7 @@ def test_v3_is_broken_not_ready(releases, tmp_path, serve):
     for _attempt in range(3):
         status, doc = app.json("GET", "/readyz")
         assert status == 503
-        assert doc["schema"] == 2 and doc["expected_schema"] == 3
+        assert doc["schema"] == 3 and doc["expected_schema"] == 3 and "items.priority" in doc["reason"]
         time.sleep(0.1)
     assert app.proc.poll() is None
     app.stop()
