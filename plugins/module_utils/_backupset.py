@@ -1795,8 +1795,8 @@ def restore(params: dict, check_mode: bool = False) -> dict:
     if not opts["src"]:
         raise RunbookError("src is required")
     _check_kind(opts["check"])
-    if opts["mode"] not in ("restore", "drill"):
-        raise RunbookError("mode %r: expected restore or drill" % (opts["mode"],))
+    if opts["mode"] not in ("restore", "drill", "select"):
+        raise RunbookError("mode %r: expected restore, drill or select" % (opts["mode"],))
     if opts["force"] and opts["if_missing"]:
         raise RunbookError("force and if_missing cannot both be true (replace existing files, or skip them?)")
     if not os.path.isdir(opts["src"]):
@@ -1808,6 +1808,8 @@ def restore(params: dict, check_mode: bool = False) -> dict:
 
 def _restore_locked(opts: dict, check_mode: bool) -> dict:
     set_path = choose_set(opts)
+    if opts["mode"] == "select":
+        return _select(set_path)
     if opts["mode"] == "drill":
         return _drill(set_path, opts, check_mode)
     job = _RestoreJob(set_path, opts, check_mode)
@@ -2102,6 +2104,20 @@ def _replace(member: dict, target: str, temp: str, opts: dict, stamp: str) -> li
     except OSError as exc:
         raise RunbookError("%s: cannot put the restored file in place: %s" % (target, describe_oserror(exc))) from None
     return copies
+
+
+def _select(set_path: str) -> dict:
+    """Which set the rules choose, and whether the file still matches its sidecar; nothing is
+    decoded, so neither an age identity nor zstd is needed (an off-host store picks the set that a
+    fresh host then verifies in full and restores)."""
+    expected = read_sidecar(set_path)
+    actual = _sha256_file(set_path)
+    if actual != expected:
+        raise RunbookError("%s: sha256 mismatch (file %s, %s.sha256 says %s): damaged or altered set"
+                           % (set_path, actual, os.path.basename(set_path), expected))
+    return {"set": os.path.basename(set_path), "set_path": set_path, "sha256": actual, "verified": False,
+            "encrypted": set_path.endswith(AGE_SUFFIX), "restored": [], "skipped_paths": [], "safety_copies": [],
+            "row_counts": {}, "changed": False}
 
 
 def _drill(set_path: str, opts: dict, check_mode: bool) -> dict:

@@ -59,9 +59,13 @@ options:
     description: Restore original absolute paths under this directory instead (for example on a fresh host).
     type: path
   mode:
-    description: V(restore) replaces files; V(drill) verifies and counts rows in O(drill_dir) and touches nothing live.
+    description:
+      - V(restore) replaces files; V(drill) verifies and counts rows in O(drill_dir) and touches nothing live.
+      - V(select) only reports which set O(set), O(before), O(label) and O(name_prefix) choose and checks the file
+        against its C(.sha256); it decodes nothing, so it needs neither O(identity_file) nor zstd (for example on an
+        off-host store, before the set is copied to the host that restores it). RV(verified) is false then.
     type: str
-    choices: [restore, drill]
+    choices: [restore, drill, select]
     default: restore
   drill_dir:
     description: Scratch directory for O(mode=drill). Required then.
@@ -195,8 +199,18 @@ set_path:
   returned: always
   type: str
 verified:
-  description: True when the set's sha256 and every member's sha256 matched.
+  description:
+    - True when the set's sha256 and every member's sha256 matched.
+    - False for O(mode=select), which reads no member.
   returned: always
+  type: bool
+sha256:
+  description: sha256 of the set file, equal to its C(.sha256) sidecar.
+  returned: when O(mode=select)
+  type: str
+encrypted:
+  description: True when the chosen set is encrypted with age (its name ends in C(.age)).
+  returned: when O(mode=select)
   type: bool
 row_counts:
   description: For a drill, row count per table per database member.
@@ -226,7 +240,7 @@ def main():
             databases=dict(type="list", elements="str"),
             extra_paths=dict(type="bool", default=True),
             dest_root=dict(type="path"),
-            mode=dict(type="str", choices=["restore", "drill"], default="restore"),
+            mode=dict(type="str", choices=["restore", "drill", "select"], default="restore"),
             drill_dir=dict(type="path"),
             force=dict(type="bool", default=False),
             if_missing=dict(type="bool", default=False),

@@ -5,6 +5,8 @@
 #             a playbook run by FQCN from the installed copy
 #   awx       ansible-runner runs the AWX project's wrapper playbooks (examples/awx) the way AWX does,
 #             and its artifacts are read: status, rc, playbook_on_stats
+#   encryption the backup role encrypts sets to an age recipient; the drill decrypts them with an
+#             identity file; a wrong identity is refused with a clear message
 #   awx-hosts upgrade and disaster_recovery (in_place, fresh_host) under ansible-runner against
 #             systemd containers from the lab image (docker connection): deploy 1, upgrade to 2,
 #             backup with an off-host copy, in-place recovery, fresh-host recovery; artifacts read,
@@ -332,6 +334,45 @@ EOF
     grep -q 'ecosystem_rows\\": 200' "$runner_dir/artifacts/eco-drill/stdout" 2>/dev/null \
         && ok "drill reported 200 rows in ecosystem_rows" || { fail "drill did not report ecosystem_rows: 200"; rc=1; }
     [ ! -e "$tmp/drill" ] && ok "drill removed its scratch directory" || { fail "drill left $tmp/drill"; rc=1; }
+    return $rc
+}
+
+# 3a. encryption at rest through the runbooks: the backup role encrypts to an age recipient, the
+# drill decrypts with an identity file, a wrong identity is refused. Reuses the awx check's app.
+check_encryption() {
+    local rc=0 enc="$tmp/enc" extra="$runner_dir/env/extravars" set_path out
+    [ -f "$extra" ] || { fail "runs after the awx check (its app and extra vars)"; return 1; }
+    mkdir -p "$enc"
+    age-keygen -o "$enc/identity" 2>/dev/null && age-keygen -o "$enc/other" 2>/dev/null \
+        || { fail "age-keygen"; return 1; }
+    local recipient
+    recipient=$(age-keygen -y "$enc/identity")
+    printf '{"backup_encrypt_recipients": ["%s"], "sqlite_app_backup_dest": "%s", "sqlite_app_dr_drill_dir": "%s"}\n' \
+        "$recipient" "$enc/backups" "$enc/drill" >"$enc/vars.json"
+    local inv=(-i "localhost," -c local -e "ansible_python_interpreter=$python" -e "@$extra" -e "@$enc/vars.json")
+    run_quiet enc-backup ansible-playbook "${inv[@]}" runbook.sqlite_app.backup || return 1
+    set_path=$(ls "$enc/backups"/eco-app-*.age 2>/dev/null | head -n 1)
+    [ -n "$set_path" ] && ok "backup role wrote an encrypted set ($(basename "$set_path"))" \
+        || { fail "no .age set in $enc/backups"; return 1; }
+    head -c 21 "$set_path" | grep -q '^age-encryption.org/v1' && ! tar -tf "$set_path" >/dev/null 2>&1 \
+        && ok "the set is an age stream, not readable as a tar without the identity" \
+        || { fail "$set_path is not an age stream"; rc=1; }
+    (cd "$enc/backups" && sha256sum --check --strict --quiet "$(basename "$set_path").sha256") \
+        && ok "its sidecar checks with sha256sum" || { fail "sidecar of $set_path"; rc=1; }
+    run_quiet enc-drill ansible-playbook "${inv[@]}" -e sqlite_app_dr_mode=drill \
+        -e "sqlite_app_restore_identity_file=$enc/identity" runbook.sqlite_app.disaster_recovery || rc=1
+    grep -q 'ecosystem_rows\\": 200' "$log/enc-drill.log" && grep -q 'verified=True' "$log/enc-drill.log" \
+        && ok "drill with the identity file decrypted, verified and counted 200 rows" \
+        || { fail "drill of the encrypted set (log: $log/enc-drill.log)"; rc=1; }
+    if ansible-playbook "${inv[@]}" -e sqlite_app_dr_mode=drill -e "sqlite_app_restore_identity_file=$enc/other" \
+        runbook.sqlite_app.disaster_recovery >"$log/enc-wrong.log" 2>&1; then
+        fail "a drill with the wrong identity succeeded"; rc=1
+    else
+        out=$(grep -o 'no identity matched[^"]*\|identity[^"]*does not decrypt[^"]*\|cannot decrypt[^"]*' "$log/enc-wrong.log" | head -n 1)
+        [ -n "$out" ] && ok "the wrong identity is refused: $out" \
+            || { fail "wrong identity: no clear message (log: $log/enc-wrong.log)"; tail -n 15 "$log/enc-wrong.log"; rc=1; }
+    fi
+    [ ! -e "$enc/drill" ] && ok "no scratch directory left behind" || { fail "$enc/drill left behind"; rc=1; }
     return $rc
 }
 
@@ -728,7 +769,7 @@ PY
 
 echo "ecosystem: runbook.sqlite_app $version, $(ansible --version 2>/dev/null | sed -n 1p), temp $tmp"
 checks=("$@")
-[ ${#checks[@]} -gt 0 ] || checks=(docs release awx awx-hosts metrics ee awx-code argspec summary)
+[ ${#checks[@]} -gt 0 ] || checks=(docs release awx encryption awx-hosts metrics ee awx-code argspec summary)
 # awx-hosts mostly waits on containers (docker round trips, systemd, health retries): it runs in the
 # background while the other checks run, its output shown when it ends. RUNBOOK_ECOSYSTEM_SERIAL=1
 # runs every check in turn.

@@ -850,6 +850,34 @@ def test_choose_set_by_before_and_label(tmp_path, app):
         bs.choose_set({"src": str(dest), "set": "latest", "name_prefix": None, "label": None, "before": "yesterday"})
 
 
+def test_select_mode_chooses_and_checks_the_sidecar_only(tmp_path, app, monkeypatch):
+    root, dest = app
+    first = bs.backup(params(root, dest))
+    second = bs.backup(params(root, dest))
+    stamp = bs.parse_set_name(second["name"])[1]
+    before = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+    live = (root / "app.db").read_bytes()
+
+    def no_child(*_args, **_kwargs):
+        raise AssertionError("select must not start zstd, age or anything else")
+
+    monkeypatch.setattr(bs.subprocess, "Popen", no_child)
+    monkeypatch.setattr(bs, "scan_set", lambda *a, **k: pytest.fail("select must not read the set's members"))
+    latest = bs.restore({"src": str(dest), "mode": "select"})
+    assert (latest["set"], latest["verified"], latest["changed"]) == (second["name"], False, False)
+    assert latest["sha256"] == second["sha256"] == bs.read_sidecar(second["path"])
+    older = bs.restore({"src": str(dest), "mode": "select", "before": before})
+    assert older["set_path"] == first["path"]
+    with open(first["path"], "r+b") as handle:  # one flipped byte: the sidecar no longer matches
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(RunbookError, match="sha256 mismatch"):
+        bs.restore({"src": str(dest), "mode": "select", "before": before})
+    assert (root / "app.db").read_bytes() == live
+
+
 # ---------------------------------------------------------------------------------------------
 # bad sets
 
@@ -1018,6 +1046,15 @@ def test_encrypted_set_needs_the_right_identity(app, tmp_path):
         bs.restore({"src": str(dest), "force": True, "identity_file": str(tmp_path / "missing.txt")})
     assert (root / ".env").read_text() == "API_KEY=secret\n"
     assert os.path.exists(result["path"])
+
+
+@needs_age
+def test_select_mode_needs_no_identity_for_an_encrypted_set(app, tmp_path):
+    root, dest = app
+    _identity, recipient = age_keypair(tmp_path)
+    result = bs.backup(params(root, dest, encrypt_recipients=[recipient]))
+    chosen = bs.restore({"src": str(dest), "mode": "select"})
+    assert (chosen["set"], chosen["encrypted"], chosen["sha256"]) == (result["name"], True, result["sha256"])
 
 
 @needs_age
