@@ -5,7 +5,7 @@ import time
 GW = "/srv/gateway/.data/certs"
 DEMO = "/srv/demo/.data/certs"
 LIVE = "/etc/letsencrypt/live/demo"
-VAULT = "/srv/vault/.data/certs"
+VAULT = "/srv/vault/certs"
 HOOK = "/etc/letsencrypt/renewal-hooks/deploy/demo.sh"
 
 
@@ -69,8 +69,11 @@ def test_letsencrypt_pair_installed_with_chain(host):
 
 
 def test_content_pair_installed_checked_and_private(host):
-    # Installed from PEM content (the lineage as converge read it, before the hook tests renew it).
-    assert_pair(host, VAULT, "vault")
+    # Installed from PEM content (the lineage as converge read it, before the hook tests renew it), by
+    # the tls role alone: it made the certificate directory itself.
+    certs = host.file(VAULT)
+    assert (certs.is_directory, certs.user, certs.mode) == (True, "root", 0o750)
+    assert_pair(host, VAULT, "root")
     crt = VAULT + "/server.crt"
     assert host.file(crt).content_string.count("BEGIN CERTIFICATE") == 2
     verify = host.run("openssl verify -CAfile /root/fake-ca/root.crt -untrusted %s %s", crt, crt)
