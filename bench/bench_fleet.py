@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
     parser.add_argument("--counts", default="1 3 6 10")
     parser.add_argument("--reruns", type=int, default=1, help="no-op reruns per pipelining setting")
-    parser.add_argument("--image", default=os.environ.get("RUNBOOK_LAB_IMAGE", "runbook-sqlite-app-lab:bookworm"))
+    parser.add_argument("--image", default=os.environ.get("RUNBOOK_LAB_IMAGE", "runbook-sqlite-app-lab:bookworm-2"))
     parser.add_argument("--collections", required=True, help="ANSIBLE_COLLECTIONS_PATH (a collection tree root)")
     parser.add_argument("--max-seconds", type=float, default=600, help="skip remaining counts after this")
     parser.add_argument("--off-max-hosts", type=int, default=100,

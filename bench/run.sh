@@ -92,7 +92,7 @@ else
 fi
 
 if [ "${BENCH_FLEET:-1}" != 0 ]; then
-    image=${RUNBOOK_LAB_IMAGE:-runbook-sqlite-app-lab:bookworm}
+    image=${RUNBOOK_LAB_IMAGE:-runbook-sqlite-app-lab:bookworm-2}
     if ! docker info >/dev/null 2>&1; then
         echo "bench: no docker engine: skipping the fleet bench (make lab starts one)"
     elif ! docker image inspect "$image" >/dev/null 2>&1; then

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Build the molecule lab image: Debian bookworm with systemd as PID 1, made from Debian packages
 # with debootstrap (no container registry is needed). Skips the build when the image exists.
-#   RUNBOOK_LAB_IMAGE   image name to build or reuse (default runbook-sqlite-app-lab:bookworm)
+#   RUNBOOK_LAB_IMAGE   image name to build or reuse (default runbook-sqlite-app-lab:bookworm-2)
 #   RUNBOOK_LAB_MIRROR  Debian mirror (default: the first one in this machine's apt sources)
 #   RUNBOOK_LAB_REBUILD=1 forces a rebuild.
 set -euo pipefail
 
-image="${RUNBOOK_LAB_IMAGE:-runbook-sqlite-app-lab:bookworm}"
+image="${RUNBOOK_LAB_IMAGE:-runbook-sqlite-app-lab:bookworm-2}"
 
 if [ "${RUNBOOK_LAB_REBUILD:-0}" != 1 ] && docker image inspect "$image" >/dev/null 2>&1; then
     echo "lab image $image is present"
@@ -26,8 +26,9 @@ fi
 command -v debootstrap >/dev/null || { echo "lab-image: debootstrap is missing (apt-get install debootstrap)" >&2; exit 2; }
 
 # What the roles and tests need inside a host: systemd, python3 for Ansible, the SQLite and
-# TLS tools an operator uses by hand at 3 am, zstd/age for backup sets, curl for health checks.
-packages=python3,systemd,systemd-sysv,dbus,sqlite3,openssl,ca-certificates,zstd,age,curl,procps,iproute2,cron,sudo,tar,gzip
+# TLS tools an operator uses by hand at 3 am, zstd/age for backup sets, curl for health checks,
+# git for the app role's git releases.
+packages=python3,systemd,systemd-sysv,dbus,sqlite3,openssl,ca-certificates,zstd,age,curl,procps,iproute2,cron,sudo,tar,gzip,git
 
 work=$(mktemp -d /var/tmp/runbook-lab.XXXXXX)
 trap 'rm -rf "$work"' EXIT

@@ -55,7 +55,8 @@ if run create && run prepare && run converge && run idempotence; then
     if [ "$status" = 0 ]; then
         run verify || status=1
     fi
-    # A scenario with a side_effect.yml (app: upgrade, failed health gate, rollback, retention) runs it
+    # A scenario with a side_effect.yml (app: upgrade, gate, rollback, retention, remote archive, build,
+    # git; data_dir: ownership repair; secrets: mode repair, forced rotation) runs it
     # after verify, on the verified host. molecule skips a side-effect playbook it cannot find and
     # still exits 0, so the step also fails when its output has no PLAY RECAP.
     if [ "$status" = 0 ] && [ -f "$root/molecule/$scenario/side_effect.yml" ]; then

@@ -389,7 +389,7 @@ app_bodies() {
 check_awx_hosts() {
     # build/ (the tree molecule uses), not the release check's install: this check may run alongside it.
     local rc=0 run="$tmp/runner-hosts" dist="$tmp/dist-app" colls="$root/build" c role
-    local image="${RUNBOOK_LAB_IMAGE:-runbook-sqlite-app-lab:bookworm}"
+    local image="${RUNBOOK_LAB_IMAGE:-runbook-sqlite-app-lab:bookworm-2}"
     { bash tools/dockerd.sh && bash tools/lab-image.sh; } >"$log/lab.log" 2>&1 \
         || { fail "docker or the lab image is not available"; tail -5 "$log/lab.log"; return 1; }
     declare -A ctr=()
