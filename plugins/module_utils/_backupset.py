@@ -638,8 +638,9 @@ class _ZstdOut:
 
     ``zstd -t`` decodes every frame and checks it against the content checksum (--check) while
     the set is written, on the other core, instead of reading back and decompressing the whole
-    file after its fsync: side by side that was about 0.9 s of a 1 GiB set. It checks the very
-    buffers written to the file, which is what reading them back from the page cache checked.
+    file after its fsync (one pass less; side by side at 1 GiB the time did not measurably change
+    on this lab's machine, see bench/NOTES.md). It checks the very buffers written to the file,
+    which is what reading them back from the page cache checked.
 
     A failure on the relay's side (the disk is full, the write-back fails) kills the compressor,
     so our next write into it fails; ``error()`` then names the relay's cause, not the broken pipe.
@@ -1307,6 +1308,12 @@ def read_sidecar(set_path: str) -> str:
     return match.group(1)
 
 
+def _require_sidecar_match(set_path: str, actual: str, expected: str) -> None:
+    if actual != expected:
+        raise RunbookError("%s: sha256 mismatch (file %s, %s.sha256 says %s): damaged or altered set"
+                           % (set_path, actual, os.path.basename(set_path), expected))
+
+
 def verify_set(set_path: str, identity: str | None = None, on_manifest=None, then=None,
                write_back: _WriteBack | None = None) -> dict:
     """sha256 of the set against its sidecar, and every member against the manifest (an encrypted
@@ -1324,10 +1331,7 @@ def verify_set(set_path: str, identity: str | None = None, on_manifest=None, the
     hashed = None
 
     def compare():
-        actual = hashed.result() if hashed is not None else _sha256_file(set_path)
-        if actual != expected:
-            raise RunbookError("%s: sha256 mismatch (file %s, %s.sha256 says %s): damaged or altered set"
-                               % (set_path, actual, os.path.basename(set_path), expected))
+        _require_sidecar_match(set_path, hashed.result() if hashed is not None else _sha256_file(set_path), expected)
 
     try:
         manifest = scan_set(set_path, identity=identity, on_manifest=on_manifest, write_back=write_back)
@@ -2110,11 +2114,9 @@ def _select(set_path: str) -> dict:
     """Which set the rules choose, and whether the file still matches its sidecar; nothing is
     decoded, so neither an age identity nor zstd is needed (an off-host store picks the set that a
     fresh host then verifies in full and restores)."""
-    expected = read_sidecar(set_path)
+    expected = read_sidecar(set_path)  # a missing sidecar fails before the file is read
     actual = _sha256_file(set_path)
-    if actual != expected:
-        raise RunbookError("%s: sha256 mismatch (file %s, %s.sha256 says %s): damaged or altered set"
-                           % (set_path, actual, os.path.basename(set_path), expected))
+    _require_sidecar_match(set_path, actual, expected)
     return {"set": os.path.basename(set_path), "set_path": set_path, "sha256": actual, "verified": False,
             "encrypted": set_path.endswith(AGE_SUFFIX), "restored": [], "skipped_paths": [], "safety_copies": [],
             "row_counts": {}, "changed": False}
