@@ -5,7 +5,8 @@
 
 For one size, builds a WAL database of text-like rows, then for each of --runs rounds runs every
 method side by side (the order rotates each round):
-  idle:   cp (+fsync) floor, sqlite3 CLI .backup, VACUUM INTO, engine compression none/gzip/zstd
+  idle:   cp (+fsync) floor, sqlite3 CLI .backup, VACUUM INTO, engine compression none/gzip/zstd,
+          and the least a set needs (floor_none, floor_zstd: the snapshot, then one durable copy)
   loaded: the same (cp excluded: not consistent on a live file) while a separate writer process
           commits small transactions at --rate per second and records each commit's latency;
           a "baseline" window with no backup gives the writer's own p99
@@ -143,8 +144,14 @@ def m_engine(db, out, compression="zstd", work=None, timeout=None, **_):
     return res
 
 
+def m_floor(db, out, compression="none", **_):
+    return {"seconds": round(lib.floor_set(db, out, compression), 4), "rc": 0}
+
+
 METHODS = {
     "cp": m_cp,
+    "floor_none": lambda db, out, **kw: m_floor(db, out, compression="none"),
+    "floor_zstd": lambda db, out, **kw: m_floor(db, out, compression="zstd"),
     "cp_nofsync": m_cp_plain,
     "sqlite3_backup": m_cli_backup,
     "vacuum_into": m_vacuum_into,
@@ -193,10 +200,11 @@ def main(argv=None) -> int:
         result = {"bench": "backup", "size_mib": args.size_mib, "runs": args.runs, "rate": args.rate,
                   "database": built, "machine": lib.machine(work), "idle": {}, "loaded": {},
                   "restore": {}, "notes": []}
-        idle_methods = ["cp", "cp_nofsync", "sqlite3_backup", "vacuum_into", "engine_none", "engine_zstd"]
+        idle_methods = ["cp", "cp_nofsync", "sqlite3_backup", "vacuum_into", "engine_none", "engine_zstd",
+                        "floor_none", "floor_zstd"]
         if args.size_mib <= args.gzip_max_mib:
             idle_methods.append("engine_gzip")
-        loaded_methods = ["baseline", "engine_none", "engine_zstd", "vacuum_into", "sqlite3_backup"]
+        loaded_methods = ["baseline", "engine_none", "engine_zstd", "vacuum_into", "sqlite3_backup", "floor_none"]
         for name in idle_methods:
             result["idle"][name] = []
         for name in loaded_methods:

@@ -32,21 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _benchlib as lib  # noqa: E402
 
 
-def snapshot(db: str, target: str) -> None:
-    src = sqlite3.connect("file:%s?mode=ro" % db, uri=True, isolation_level=None)
-    try:
-        src.execute("BEGIN")
-        src.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        dst = sqlite3.connect(target, isolation_level=None)
-        dst.execute("PRAGMA journal_mode = OFF")
-        dst.execute("PRAGMA synchronous = OFF")
-        src.backup(dst, pages=-1)
-        dst.close()
-        src.execute("COMMIT")
-    finally:
-        src.close()
-
-
 def quick_check(path: str) -> None:
     conn = sqlite3.connect("file:%s?mode=ro&immutable=1" % path, uri=True)
     try:
@@ -79,10 +64,10 @@ def main(argv=None) -> int:
         db = os.path.join(work, "app.db")
         lib.build_text_db(db, args.size_mib)
         snap = os.path.join(work, "snapshot.db")
-        snapshot(db, snap)
+        lib.snapshot(db, snap)
         methods = {
             "cp": lambda: lib.cp_fsync(db, os.path.join(work, "cp.db")),
-            "backup_api": lambda: snapshot(db, os.path.join(work, "again.db")),
+            "backup_api": lambda: lib.snapshot(db, os.path.join(work, "again.db")),
             "quick_check": lambda: quick_check(snap),
             "sha256": lambda: sha256(snap),
             "zstd_3": lambda: zstd(snap, "-3", "-T1"),
