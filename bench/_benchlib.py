@@ -167,21 +167,25 @@ def fsync_path(path: str) -> None:
 
 def floor_set(db: str, out_dir: str, compression: str) -> float:
     """The least work any one-file set of ``db`` needs, timed: the snapshot, then one durable copy
-    of it (``none``: cp + fsync; ``zstd``: zstd -1 into the file + fsync). No check, no hash, no
-    tar framing: SQLite writes a database only at offset 0 of its own file, so the image has to
-    be copied once more to sit inside an archive. Returns seconds."""
+    of it (``none``: a copy in 1 MiB buffers + fsync; ``zstd``: zstd -1 into the file + fsync). No
+    check, no hash, no tar framing: SQLite writes a database only at offset 0 of its own file, so
+    the image has to be copied once more to sit inside an archive. The scratch snapshot is removed
+    before the fsync, as the engine does, so its pages never have to reach the disk. (Not ``cp``:
+    its copy_file_range of a file that was just written took 2 to 4 times longer here than
+    copying it through a buffer.) Returns seconds."""
     os.makedirs(out_dir, exist_ok=True)
     scratch = os.path.join(out_dir, "snapshot.db")
     final = os.path.join(out_dir, "set" + (".zst" if compression == "zstd" else ""))
     started = time.monotonic()
     snapshot(db, scratch)
-    if compression == "zstd":
-        with open(final, "wb") as handle:
-            subprocess.run(["zstd", "-q", "-1", "--check", "-c", scratch], stdout=handle, check=True)
-    else:
-        subprocess.run(["cp", scratch, final], check=True)
+    with open(final, "wb") as out:
+        if compression == "zstd":
+            subprocess.run(["zstd", "-q", "-1", "--check", "-c", scratch], stdout=out, check=True)
+        else:
+            with open(scratch, "rb") as src:
+                shutil.copyfileobj(src, out, MIB)
+    os.unlink(scratch)
     fsync_path(final)
-    os.unlink(scratch)  # as the engine drops its scratch copy before the fsync of the set
     return time.monotonic() - started
 
 
