@@ -166,7 +166,9 @@ def fsync_path(path: str) -> None:
 
 
 def floor_set(db: str, out_dir: str, compression: str) -> float:
-    """The least work any one-file set of ``db`` needs, timed: the snapshot, then one durable copy
+    """The least work any one-file set of ``db`` needs, done the plainest way and timed (done so, the
+    ``none`` variant can take longer than the engine, whose write-back is paced; render.py uses
+    it as a bound only for zstd): the snapshot, then one durable copy
     of it (``none``: a copy in 1 MiB buffers + fsync; ``zstd``: zstd -1 into the file + fsync). No
     check, no hash, no tar framing: SQLite writes a database only at offset 0 of its own file, so
     the image has to be copied once more to sit inside an archive. The scratch snapshot is removed

@@ -6,7 +6,8 @@
 For one size, builds a WAL database of text-like rows, then for each of --runs rounds runs every
 method side by side (the order rotates each round):
   idle:   cp (+fsync) floor, sqlite3 CLI .backup, VACUUM INTO, engine compression none/gzip/zstd,
-          and the least a set needs (floor_none, floor_zstd: the snapshot, then one durable copy)
+          and the least work a set needs done the plainest way (floor_none, floor_zstd: the
+          snapshot, then one durable copy; see lib.floor_set)
   loaded: the same (cp excluded: not consistent on a live file) while a separate writer process
           commits small transactions at --rate per second and records each commit's latency;
           a "baseline" window with no backup gives the writer's own p99
