@@ -375,9 +375,9 @@ def main(argv=None) -> int:
             w("|---|---|---|---|---|---|---|")
             for b in backups:
                 cp = secs(b["idle"]["cp"])
-                cells = [secs(b[g].get(k, [])) for g, k in (("idle", "floor_none"), ("loaded", "floor_none"),
-                                                              ("idle", "floor_zstd"), ("idle", "engine_none"),
-                                                              ("loaded", "engine_none"), ("idle", "engine_zstd"))]
+                columns = (("idle", "floor_none"), ("loaded", "floor_none"), ("idle", "floor_zstd"),
+                           ("idle", "engine_none"), ("loaded", "engine_none"), ("idle", "engine_zstd"))
+                cells = [secs(b[g].get(k, [])) for g, k in columns]
                 w("| %d MiB | %s |" % (b["size_mib"], " | ".join(
                     "%s (%s)" % (fmt_s(x), fmt_x(x / cp if x and cp else None)) for x in cells)))
             w("")
