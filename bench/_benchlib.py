@@ -128,15 +128,19 @@ def run_timed(argv, timeout=None, env=None, stdout=subprocess.DEVNULL, stderr=su
             "started": started, "ended": started + seconds}
 
 
-def cp_fsync(src: str, dst: str) -> float:
-    """cp of a quiescent file, then fsync of the copy (the durable copy floor). Returns seconds."""
-    started = time.monotonic()
-    subprocess.run(["cp", src, dst], check=True)
-    fd = os.open(dst, os.O_RDONLY)
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def cp_fsync(src: str, dst: str) -> float:
+    """cp of a quiescent file, then fsync of the copy (the durable copy floor). Returns seconds."""
+    started = time.monotonic()
+    subprocess.run(["cp", src, dst], check=True)
+    fsync_path(dst)
     return time.monotonic() - started
 
 
@@ -155,14 +159,6 @@ def snapshot(db: str, target: str) -> None:
         src.execute("COMMIT")
     finally:
         src.close()
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def floor_set(db: str, out_dir: str, compression: str) -> float:
