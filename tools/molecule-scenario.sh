@@ -74,6 +74,7 @@ fi
 run destroy >/dev/null || true
 echo "molecule[$scenario]: $([ "$status" = 0 ] && echo ok || echo FAILED) in $(( $(date +%s) - scenario_start )) s" | tee -a "$log"
 if [ "$status" != 0 ]; then
+    [ -z "${RUNBOOK_MOLECULE_FAILED:-}" ] || echo "$scenario" >>"$RUNBOOK_MOLECULE_FAILED"
     echo "molecule[$scenario]: FAILED; last lines of $log:"
     tail -n 60 "$log"
 fi

@@ -55,6 +55,10 @@ stage_molecule() {
     local scenarios
     # The multi-host scenarios take longest: start them first.
     scenarios=$(cd molecule && for d in runbook examples */; do [ -f "$d/molecule.yml" ] && echo "${d%/}"; done | awk '!seen[$0]++')
+    # A failing scenario appends its name here; the end of the run prints those logs' tails again,
+    # because CI shows only the end of the output and compat's log is printed after molecule.
+    export RUNBOOK_MOLECULE_FAILED="$root/build/molecule-failed.txt"
+    : >"$RUNBOOK_MOLECULE_FAILED"
     printf '%s\n' $scenarios | xargs -P "${RUNBOOK_MOLECULE_JOBS:-3}" -I{} bash tools/molecule-scenario.sh {}
 }
 
@@ -100,6 +104,12 @@ if [ -n "$compat_pid" ]; then
     echo "=== compat (background) ==="
     cat "$compat_log"
     finish compat "$compat_start" $rc
+fi
+if [ -s "$root/build/molecule-failed.txt" ] && printf '%s\n' "${failed_names[@]}" | grep -qx molecule; then
+    while read -r name; do
+        echo "=== molecule[$name] failed; last lines of build/molecule-$name.log ==="
+        tail -n 80 "$root/build/molecule-$name.log"
+    done <"$root/build/molecule-failed.txt"
 fi
 [ "$failed" = 0 ] || echo "failed stages: ${failed_names[*]}"
 echo "test: $passed passed, $failed failed"

@@ -261,11 +261,19 @@ def test_two_runs_at_once_both_succeed_one_waits(host):
         assert_verified(host, name)
 
 
+def hold_lock(seconds):
+    """Shell that holds the engine's lock for `seconds` in the background and returns once it is
+    held: flock(1) takes the same flock(2) lock the engine takes on DEST/.runbook-backup.lock. Waiting
+    for the marker, not a fixed sleep, keeps a loaded host from starting the backup first."""
+    return ("rm -f /tmp/lock-held; flock %s/.runbook-backup.lock sh -c 'touch /tmp/lock-held; exec sleep %d' & "
+            "for _ in $(seq 100); do [ -e /tmp/lock-held ] && break; sleep 0.1; done; [ -e /tmp/lock-held ]"
+            % (DEST, seconds))
+
+
 def test_lock_held_makes_a_run_wait(host):
-    # flock(1) takes the same flock(2) lock the engine takes on DEST/.runbook-backup.lock.
     out = host.check_output(
-        "flock %s/.runbook-backup.lock sleep 4 & sleep 0.5; s=$(date +%%s); %s backup --config %s >/dev/null; "
-        "echo rc=$? waited=$(( $(date +%%s) - s )); wait" % (DEST, WRAPPER, CONFIG))
+        "%s; s=$(date +%%s); %s backup --config %s >/dev/null; echo rc=$? waited=$(( $(date +%%s) - s )); wait"
+        % (hold_lock(4), WRAPPER, CONFIG))
     fields = dict(item.split("=") for item in out.split())
     assert fields["rc"] == "0", out
     assert int(fields["waited"]) >= 3, out
@@ -274,8 +282,7 @@ def test_lock_held_makes_a_run_wait(host):
 def test_lock_busy_past_timeout_exits_75_with_a_clear_message(host):
     host.run_expect([0], "python3 -c 'import json,sys; c=json.load(open(\"%s\")); c[\"lock_timeout\"]=1; "
                          "json.dump(c, open(\"/tmp/busy.json\", \"w\"))'" % CONFIG)
-    result = host.run("flock %s/.runbook-backup.lock sleep 5 & sleep 0.5; %s backup --config /tmp/busy.json; "
-                      "rc=$?; wait; exit $rc" % (DEST, WRAPPER))
+    result = host.run("%s; %s backup --config /tmp/busy.json; rc=$?; wait; exit $rc" % (hold_lock(5), WRAPPER))
     assert result.rc == 75, (result.rc, result.stderr)
     assert "holds the lock" in result.stderr
 
