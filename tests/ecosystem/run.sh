@@ -486,6 +486,26 @@ ENV
         fail "deploy of release 1 (the other jobs need it)"; remove_containers; return 1
     fi
 
+    # An encrypted upgrade that could not be rolled back (no identity to read the pre-upgrade set):
+    # the preflight refuses it before the backup, so no set is written and release 1 keeps serving.
+    local recipient sets_before
+    recipient=$(age-keygen 2>/dev/null | sed -n 's/^# public key: //p')
+    sets_before=$(docker exec "${ctr[app]}" sh -c 'ls -A /var/backups/ecoapp 2>/dev/null')
+    printf '{"sqlite_app_hosts": "apps", "app_version": "2", "app_archive_src": "%s", "backup_encrypt_recipients": ["%s"]}\n' \
+        "$dist/sample-app-2.tar.gz" "$recipient" >"$run/env/extravars"
+    ansible-runner run "$run" -p upgrade.yml --ident eco-hosts-upgrade-no-identity >"$log/runner-upgrade-no-identity.log" 2>&1
+    got=$(cat "$run/artifacts/eco-hosts-upgrade-no-identity/status" 2>/dev/null)
+    if [ -n "$recipient" ] && [ "$got" = failed ] \
+        && grep -q 'give sqlite_app_restore_identity_file' "$run/artifacts/eco-hosts-upgrade-no-identity/stdout" \
+        && [ "$(stats "${ctr[app]}" | cut -d' ' -f1)" = 1 ] \
+        && [ "$(docker exec "${ctr[app]}" sh -c 'ls -A /var/backups/ecoapp 2>/dev/null')" = "$sets_before" ]; then
+        ok "upgrade with backup_encrypt_recipients and no identity: refused by the preflight, no set written, release 1 still serves"
+    else
+        fail "upgrade without an identity for its encrypted set: status '$got' (log: $log/runner-upgrade-no-identity.log)"
+        tail -n 20 "$run/artifacts/eco-hosts-upgrade-no-identity/stdout" 2>/dev/null | sed 's/^/  | /'
+        rc=1
+    fi
+
     # upgrade to 2: migration to schema 2, data kept.
     want=$(app_bodies "${ctr[app]}")
     if job "$run" upgrade.yml eco-hosts-upgrade "$v2"; then
