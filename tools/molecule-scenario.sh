@@ -71,11 +71,15 @@ if run create && run prepare && run converge && run idempotence; then
 else
     status=1
 fi
+# What failed, before destroy's output follows it in the log: make test prints it again at the end.
+excerpt="$root/build/molecule-$scenario.failure.txt"
+rm -f "$excerpt"
+[ "$status" = 0 ] || tail -n 80 "$log" >"$excerpt"
 run destroy >/dev/null || true
 echo "molecule[$scenario]: $([ "$status" = 0 ] && echo ok || echo FAILED) in $(( $(date +%s) - scenario_start )) s" | tee -a "$log"
 if [ "$status" != 0 ]; then
     [ -z "${RUNBOOK_MOLECULE_FAILED:-}" ] || echo "$scenario" >>"$RUNBOOK_MOLECULE_FAILED"
-    echo "molecule[$scenario]: FAILED; last lines of $log:"
-    tail -n 60 "$log"
+    echo "molecule[$scenario]: FAILED; the end of $log before destroy:"
+    cat "$excerpt"
 fi
 exit "$status"

@@ -107,8 +107,8 @@ if [ -n "$compat_pid" ]; then
 fi
 if [ -s "$root/build/molecule-failed.txt" ] && printf '%s\n' "${failed_names[@]}" | grep -qx molecule; then
     while read -r name; do
-        echo "=== molecule[$name] failed; last lines of build/molecule-$name.log ==="
-        tail -n 80 "$root/build/molecule-$name.log"
+        echo "=== molecule[$name] failed; the end of build/molecule-$name.log before destroy ==="
+        cat "$root/build/molecule-$name.failure.txt" 2>/dev/null || tail -n 80 "$root/build/molecule-$name.log"
     done <"$root/build/molecule-failed.txt"
 fi
 [ "$failed" = 0 ] || echo "failed stages: ${failed_names[*]}"
