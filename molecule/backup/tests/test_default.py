@@ -303,12 +303,34 @@ def test_failure_runs_the_on_failure_unit(host):
                         % (dropin, UNIT))
 
 
-def _converge_schedule(*extra):
-    """Run converge.yml's backup_schedule tasks (validation and the timer) on the systemd host."""
+def _converge_tags(tags, *extra):
+    """Run converge.yml's tasks tagged `tags` on the systemd host; returns the output."""
     cmd = ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], CONVERGE, "--limit", SYSTEMD_HOST,
-           "--tags", "backup_schedule", *extra]
+           "--tags", tags, *extra]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    return run.stdout
+
+
+def _converge_schedule(*extra):
+    """Run converge.yml's backup_schedule tasks (validation and the timer) on the systemd host."""
+    _converge_tags("backup_schedule", *extra)
+
+
+def test_an_engine_no_longer_shipped_is_removed(host):
+    # What an older collection version installed and this one does not ship: check mode reports it,
+    # a real run removes it and nothing else, the next run has nothing to do.
+    engines = "/usr/local/lib/runbook-sqlite-app/ansible_collections/runbook/sqlite_app/plugins/module_utils"
+    retired = engines + "/_retired_engine.py"
+    host.run_expect([0], "printf 'RETIRED = 1\\n' > %s && chmod 0644 %s" % (retired, retired))
+    shipped = host.check_output("ls %s" % engines)
+    out = _converge_tags("backup_tools", "--check")
+    assert "_retired_engine.py" in out and host.file(retired).exists, out[-3000:]
+    _converge_tags("backup_tools")
+    assert not host.file(retired).exists
+    assert host.check_output("ls %s" % engines).split() == [n for n in shipped.split() if n != "_retired_engine.py"]
+    out = _converge_tags("backup_tools")
+    assert re.search(r"runbook-backup\s*:.*changed=0\s", out), out[-3000:]
 
 
 def test_timer_fires_on_its_own(host):
