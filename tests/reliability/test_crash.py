@@ -36,20 +36,26 @@ def _rng(name):
     return random.Random(seed)
 
 
-def _calibrate(make_cmd, directory, runs=3, before=None):
-    """Medians of ``runs`` normal runs: (temp lifetime, rest of the run after the first temp entry,
-    duration). ``before()`` runs ahead of each run (e.g. a reset)."""
+def _calibrate(make_cmd, directory, runs=3, before=None, attempts=12):
+    """Medians of ``runs`` normal runs in which the poller saw a temp entry: (temp lifetime, rest
+    of the run after the first temp entry, duration). ``before()`` runs ahead of each run (e.g. a
+    reset). A temp file that lives about a millisecond (cert_install's) can come and go between two
+    polls when the host is loaded, so a run that saw none is run again, up to ``attempts`` runs."""
     lifetimes, rests, durations = [], [], []
-    for run in range(runs):
+    for run in range(attempts):
         if before:
             before()
         seen = helpers.watch_run(make_cmd(run), directory, poll=0.0002)
         assert seen.returncode == 0, seen.stderr
-        assert seen.first_temp is not None, "no %s* entry seen in %s during a normal run" % (
-            helpers.TEMP_PREFIX, directory)
+        if seen.first_temp is None:
+            continue
         lifetimes.append(seen.last_temp - seen.first_temp)
         rests.append(seen.ended - seen.first_temp)
         durations.append(seen.ended)
+        if len(lifetimes) == runs:
+            break
+    assert len(lifetimes) == runs, "a %s* entry was seen in %s in only %d of %d normal runs" % (
+        helpers.TEMP_PREFIX, directory, len(lifetimes), attempts)
     return sorted(lifetimes)[runs // 2], sorted(rests)[runs // 2], sorted(durations)[runs // 2]
 
 
@@ -91,7 +97,10 @@ def test_kill_backup(tmp_path):
     writer.stop()
     next_row = max(helpers.log_rows(db) | {0})
     landed = in_window = left_temps = published_then_killed = orphan_sidecars = half_pruned = lost = 0
-    for _run in range(helpers.RUNS):
+    rounds = 0
+    while _more_rounds(rounds, in_window >= 0.5 * helpers.RUNS
+                       and left_temps + published_then_killed >= 0.3 * helpers.RUNS):
+        rounds += 1
         sets_before = set(item["name"] for item in bs.list_sets(str(dest)))
         writer = helpers.Writer(db, next_row)
         seen = helpers.watch_run(cmd, str(dest), kill_after=rng.uniform(0, rest))
@@ -119,7 +128,7 @@ def test_kill_backup(tmp_path):
         assert helpers.temps(dest) == []
         assert all(not n.endswith(".sha256") or n[:-7] in os.listdir(dest) for n in os.listdir(dest))
         assert _verify_published(dest) >= 1
-    helpers.record("crash.backup", runs=helpers.RUNS, faults=helpers.RUNS, kills_landed_mid_run=landed,
+    helpers.record("crash.backup", runs=rounds, faults=rounds, kills_landed_mid_run=landed,
                    kills_in_write_window=in_window, kills_leaving_temp_files=left_temps,
                    kills_after_publish=published_then_killed, orphan_sidecars_after_kill=orphan_sidecars,
                    half_pruned_sets_after_kill=half_pruned,
@@ -161,7 +170,9 @@ def test_kill_restore(tmp_path):
 
     landed = in_window = left_temps = got_old = got_new = 0
     new_db_old_env = old_db_new_env = 0
-    for _run in range(helpers.RUNS):
+    rounds = 0
+    while _more_rounds(rounds, in_window >= 0.5 * helpers.RUNS and left_temps + got_new >= 0.3 * helpers.RUNS):
+        rounds += 1
         reset()
         seen = helpers.watch_run(cmd, str(app), kill_after=rng.uniform(0, rest))
         landed += seen.landed
@@ -187,13 +198,21 @@ def test_kill_restore(tmp_path):
         assert helpers.temps(app) == []
     # the sets themselves are only read
     assert {name: helpers.sha256(dest / name) for name in os.listdir(dest)} == sets_before
-    helpers.record("crash.restore", runs=helpers.RUNS, faults=helpers.RUNS, kills_landed_mid_run=landed,
+    helpers.record("crash.restore", runs=rounds, faults=rounds, kills_landed_mid_run=landed,
                    kills_in_write_window=in_window, kills_leaving_temp_files=left_temps, left_old_db=got_old,
                    left_new_db=got_new, db_and_env_from_different_states=new_db_old_env + old_db_new_env,
                    new_db_with_old_env=new_db_old_env, old_db_with_new_env=old_db_new_env, mixed_db_files=0,
                    mixed_env_files=0, normal_run_seconds=round(duration, 2), write_window_seconds=round(rest, 3))
     assert left_temps + got_new >= 0.3 * helpers.RUNS, (left_temps, got_new)
     assert in_window >= 0.5 * helpers.RUNS, in_window
+
+
+def _more_rounds(done, enough):
+    """Whether to run another kill round: helpers.RUNS of them, then more, up to 3 times as many,
+    while ``enough`` (the test's thresholds, absolute counts checked again after the loop) is false.
+    The kills are timed from a calibration, and a loaded host can shift them out of the write
+    window; more rounds reach the thresholds instead of lowering them."""
+    return done < helpers.RUNS or (not enough and done < 3 * helpers.RUNS)
 
 
 def _stratified_delay(rng, run, lifetime, rest):
@@ -224,7 +243,10 @@ def test_kill_secret_rotation(tmp_path):
     cmd = [helpers.PYTHON, "-c", SECRETS_SCRIPT % {"build": helpers.BUILD, "count": count}, str(env_path)]
     lifetime, rest, duration = _calibrate(lambda _run: cmd, str(conf))
     landed = in_window = left_temps = all_old = all_new = 0
-    for run in range(helpers.RUNS):
+    rounds = 0
+    while _more_rounds(rounds, in_window >= 0.5 * helpers.RUNS and all_old >= 1 and all_new >= 1):
+        run = rounds
+        rounds += 1
         before = _values(env_path, count)
         seen = helpers.watch_run(cmd, str(conf), kill_after=_stratified_delay(rng, run, lifetime, rest),
                                  poll=0.0002)
@@ -242,7 +264,7 @@ def test_kill_secret_rotation(tmp_path):
         proc, _elapsed = helpers.run_timed(cmd)
         assert proc.returncode == 0, proc.stderr
         assert helpers.temps(conf) == []
-    helpers.record("crash.secret_rotate", runs=helpers.RUNS, faults=helpers.RUNS, kills_landed_mid_run=landed,
+    helpers.record("crash.secret_rotate", runs=rounds, faults=rounds, kills_landed_mid_run=landed,
                    kills_in_write_window=in_window, kills_leaving_temp_files=left_temps, left_all_old=all_old,
                    left_all_new=all_new, mixed=0, normal_run_seconds=round(duration, 2),
                    temp_file_lifetime_ms=round(lifetime * 1000, 2))
@@ -277,7 +299,10 @@ def test_kill_cert_install(tmp_path):
 
     lifetime, rest, duration = _calibrate(lambda run: cmd_for(1000 + run), str(certs))
     landed = in_window = left_temps = kept_old = got_new = new_key_old_cert = 0
-    for run in range(helpers.RUNS):
+    rounds = 0
+    while _more_rounds(rounds, in_window >= 0.5 * helpers.RUNS and kept_old >= 1 and got_new >= 1):
+        run = rounds
+        rounds += 1
         before = _pair(certs)
         assert before[2], "certificate and key do not match before the kill"
         seen = helpers.watch_run(cmd_for(run), str(certs), kill_after=_stratified_delay(rng, run, lifetime, rest),
@@ -299,7 +324,7 @@ def test_kill_cert_install(tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert helpers.temps(certs) == []
         assert _pair(certs)[2], "the next run left a mismatched pair"
-    helpers.record("crash.cert_install", runs=helpers.RUNS, faults=helpers.RUNS, kills_landed_mid_run=landed,
+    helpers.record("crash.cert_install", runs=rounds, faults=rounds, kills_landed_mid_run=landed,
                    kills_in_write_window=in_window, kills_leaving_temp_files=left_temps, left_old_pair=kept_old,
                    left_new_pair=got_new, new_key_with_old_cert=new_key_old_cert, new_cert_with_old_key=0,
                    normal_run_seconds=round(duration, 2), temp_file_lifetime_ms=round(lifetime * 1000, 2))
