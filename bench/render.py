@@ -41,6 +41,11 @@ def fmt_x(value):
     return "n/a" if value is None else "%.2f×" % value
 
 
+def per(value, base):
+    """value as a multiple of base (a ratio to cp), None when either is missing."""
+    return value / base if value and base else None
+
+
 def ok_runs(rows):
     return [r for r in rows if r.get("rc") == 0 and not r.get("timed_out")]
 
@@ -246,7 +251,7 @@ def main(argv=None) -> int:
             row = [secs(b["idle"].get(k, [])) for k in methods]
             none, zstd = row[4], row[5]
             w("| %d MiB | %s | %s |" % (b["size_mib"], " | ".join(fmt_s(x) for x in row),
-                                        " | ".join(fmt_x(x / cp if x and cp else None) for x in (none, zstd))))
+                                        " | ".join(fmt_x(per(x, cp)) for x in (none, zstd))))
         w("")
         w("Set sizes (median): " + "; ".join(
             "%d MiB: none %.0f MiB, zstd %.0f MiB" % (
@@ -278,7 +283,7 @@ def main(argv=None) -> int:
                 if key == "baseline":
                     fin, tt, ratio = "—", "3 s window", "—"
                 elif len(done) == len(rows):
-                    fin, tt, ratio = "%d/%d" % (len(done), len(rows)), fmt_s(t), fmt_x(t / cp if t and cp else None)
+                    fin, tt, ratio = "%d/%d" % (len(done), len(rows)), fmt_s(t), fmt_x(per(t, cp))
                 else:
                     limit = max([r.get("timeout") or 0 for r in rows])
                     fin = "%d/%d: **did not finish in %.0f s**" % (len(done), len(rows), limit)
@@ -379,7 +384,7 @@ def main(argv=None) -> int:
                            ("idle", "engine_none"), ("loaded", "engine_none"), ("idle", "engine_zstd"))
                 cells = [secs(b[g].get(k, [])) for g, k in columns]
                 w("| %d MiB | %s |" % (b["size_mib"], " | ".join(
-                    "%s (%s)" % (fmt_s(x), fmt_x(x / cp if x and cp else None)) for x in cells)))
+                    "%s (%s)" % (fmt_s(x), fmt_x(per(x, cp))) for x in cells)))
             w("")
         for b in backups:
             cp = secs(b["idle"]["cp"])
@@ -390,16 +395,15 @@ def main(argv=None) -> int:
                          for r in b["loaded"].get(k, [])] or [0])
             base = max([r["writer"].get("max_ms") or 0 for r in b["loaded"].get("baseline", [])] or [0])
             sz = b["size_mib"]
-            zstd_floor = max([x for x in (floor_zstd / cp if floor_zstd and cp else None, zstd_cpu_floor.get(sz))
-                              if x] or [None])
+            zstd_floor = max([x for x in (per(floor_zstd, cp), zstd_cpu_floor.get(sz)) if x] or [None])
             targets.append(("uncompressed set ≤ 1.5× cp, idle (%d MiB)" % sz,
-                            verdict_floor(none_idle / cp if none_idle and cp else None, 1.5, none_floor.get(sz),
+                            verdict_floor(per(none_idle, cp), 1.5, none_floor.get(sz),
                                           "the least a none set needs (snapshot + cp + fsync)")))
             targets.append(("uncompressed set ≤ 2.5× cp, under load (%d MiB)" % sz,
-                            verdict_floor(none_load / cp if none_load and cp else None, 2.5, none_floor.get(sz),
+                            verdict_floor(per(none_load, cp), 2.5, none_floor.get(sz),
                                           "the least a none set needs, idle (snapshot + cp + fsync)")))
             targets.append(("zstd set ≤ 2.5× cp (%d MiB)" % sz,
-                            verdict_floor(zstd_idle / cp if zstd_idle and cp else None, 2.5, zstd_floor,
+                            verdict_floor(per(zstd_idle, cp), 2.5, zstd_floor,
                                           "the least a zstd set needs (%s)"
                                           % ("the larger of snapshot + zstd -1 + fsync and the CPU floor"
                                              if sz in zstd_cpu_floor else "snapshot + zstd -1 + fsync"))))
@@ -427,10 +431,10 @@ def main(argv=None) -> int:
             rn, rz, dz = secs(r["restore_none"]), secs(r["restore_zstd"]), secs(r["drill_zstd"])
             w("| %d MiB | %s | %s | %s | %s | %s | %s |" % (
                 b["size_mib"], fmt_s(cp), fmt_s(rn), fmt_s(rz), fmt_s(dz),
-                fmt_x(rn / cp if rn and cp else None), fmt_x(rz / cp if rz and cp else None)))
+                fmt_x(per(rn, cp)), fmt_x(per(rz, cp))))
             targets.append(("restore with verification ≤ 2× cp (%d MiB, none / zstd set)" % b["size_mib"],
-                            "%s / %s" % (verdict(rn / cp if rn and cp else None, 2.0),
-                                         verdict(rz / cp if rz and cp else None, 2.0))))
+                            "%s / %s" % (verdict(per(rn, cp), 2.0),
+                                         verdict(per(rz, cp), 2.0))))
         w("")
 
         # ------------------------------------------------------------ memory
