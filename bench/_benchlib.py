@@ -9,6 +9,7 @@ Figures go to docs/BENCHMARKS.md (bench/render.py), never into tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -244,6 +246,16 @@ def machine(work_dir: str) -> dict:
         info["disk"] = "%s (%s, %s, %s free)" % (work_dir, fields[0], fields[1], fields[4])
     info["loadavg"] = loadavg()
     return info
+
+
+@contextlib.contextmanager
+def scratch_dir(name: str, parent: str | None = None):
+    """A bench's work directory (under ``parent`` or the system temp dir), removed when it ends."""
+    work = tempfile.mkdtemp(prefix="bench-%s-" % name, dir=parent)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def write_json(path: str | None, data) -> None:

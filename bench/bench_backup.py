@@ -25,7 +25,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -190,8 +189,7 @@ def main(argv=None) -> int:
     if args.writer:
         return writer_main(args.writer[0], args.writer[1], float(args.writer[2]))
 
-    work = tempfile.mkdtemp(prefix="bench-backup-", dir=args.dir)
-    try:
+    with lib.scratch_dir("backup", args.dir) as work:
         db = os.path.join(work, "src", "app.db")
         os.makedirs(os.path.dirname(db))
         lib.log("backup %d MiB: building the database" % args.size_mib)
@@ -294,8 +292,6 @@ def main(argv=None) -> int:
         result["machine"]["loadavg_end"] = lib.loadavg()
         if args.keep_db:
             shutil.copyfile(db, args.keep_db)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     lib.write_json(args.out, result)
     return 0
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,8 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    work = tempfile.mkdtemp(prefix="bench-contention-", dir=args.dir)
-    try:
+    with lib.scratch_dir("contention", args.dir) as work:
         db = os.path.join(work, "app.db")
         lib.build_text_db(db, 16)
         src = os.path.join(work, "unrelated.bin")
@@ -91,8 +88,6 @@ def main(argv=None) -> int:
                         % (args.size_mib, run + 1, name, seconds, res["writer"]))
                 if os.path.exists(dst):
                     os.unlink(dst)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     lib.write_json(args.out, result)
     return 0
 

@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -59,8 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    work = tempfile.mkdtemp(prefix="bench-floor-", dir=args.dir)
-    try:
+    with lib.scratch_dir("floor", args.dir) as work:
         db = os.path.join(work, "app.db")
         lib.build_text_db(db, args.size_mib)
         snap = os.path.join(work, "snapshot.db")
@@ -94,8 +91,6 @@ def main(argv=None) -> int:
             out = subprocess.run(["zstd", "-q", "-" + level, "-c", snap], stdout=subprocess.PIPE, check=True)
             result["output_bytes"]["zstd_" + level] = len(out.stdout)
         result["machine"]["loadavg_end"] = lib.loadavg()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     lib.write_json(args.out, result)
     return 0
 

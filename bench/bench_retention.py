@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -48,8 +47,7 @@ def main(argv=None) -> int:
     result = {"bench": "retention", "sets": args.sets, "rules": RULES, "runs": [], "machine": lib.machine(
         args.dir or tempfile.gettempdir())}
     for run in range(args.runs):
-        work = tempfile.mkdtemp(prefix="bench-retention-", dir=args.dir)
-        try:
+        with lib.scratch_dir("retention", args.dir) as work:
             now = time.time()
             populate(work, args.sets, now, engine)
             params = dict(RULES, dest=work, state="pruned")
@@ -65,8 +63,6 @@ def main(argv=None) -> int:
                    "left": left, "load": lib.loadavg()[0]}
             result["runs"].append(row)
             lib.log("retention run %d: %s" % (run + 1, row))
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
     lib.write_json(args.out, result)
     return 0
 

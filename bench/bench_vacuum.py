@@ -27,7 +27,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -119,8 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write the JSON here (default: stdout)")
     args = parser.parse_args(argv)
     engine = _import_engine()
-    work = tempfile.mkdtemp(prefix="bench-vacuum-", dir=args.dir)
-    try:
+    with lib.scratch_dir("vacuum", args.dir) as work:
         source = os.path.join(work, "source.db")
         started = time.perf_counter()
         built = build(source, args.size_mib)
@@ -171,8 +169,6 @@ def main(argv=None) -> int:
         module_ratios = [row["module_vs_cli"] for row in runs if "module_vs_cli" in row]
         if module_ratios:
             result["module_vs_cli"] = round(statistics.median(module_ratios), 3)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     lib.write_json(args.out, result)
     return 0
 
