@@ -10,8 +10,10 @@
 A set is ``<prefix>-<YYYYmmddTHHMMSSZ>[-<label>].tar[.gz|.zst][.age]`` plus ``<set>.sha256``
 (sha256sum format); ``.age`` marks a set encrypted to age recipients (the whole tar stream, manifest
 included, is encrypted; the sidecar holds the sha256 of the encrypted file). The archive starts
-with ``manifest.json`` (members, sizes, sha256s, per-database pragmas), then
-``databases/<member>`` and ``files/<relative path>``. See docs/backup-sets.md.
+with ``manifest.json`` (members, sizes, per-database pragmas), then ``databases/<member>`` and
+``files/<relative path>``, and ends with ``SHA256SUMS`` (each file member's sha256, computed while
+the set is written, so the hashes, the check and the write run side by side). Format 1 sets kept
+the sha256s in the manifest and had no SHA256SUMS; they are still read. See docs/backup-sets.md.
 
 Used by the sqlite_backup / sqlite_restore modules and, on hosts, by ``cli()`` from a systemd timer.
 """
@@ -61,8 +63,10 @@ from ansible_collections.runbook.sqlite_app.plugins.module_utils._sqlite import 
     table_row_counts,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_FORMATS = (1, 2)  # format 1: member sha256s in the manifest, no SHA256SUMS member
 MANIFEST = "manifest.json"
+CHECKSUMS = "SHA256SUMS"  # the last member of a format 2 set (sha256sum format)
 LOCK_NAME = ".runbook-backup.lock"
 COMPRESSIONS = ("none", "gzip", "zstd")
 EXTENSIONS = {"none": ".tar", "gzip": ".tar.gz", "zstd": ".tar.zst"}
@@ -83,6 +87,7 @@ _TS_FORMAT = "%Y%m%dT%H%M%SZ"
 _SET_NAME = re.compile(r"^(?P<prefix>.+?)-(?P<ts>\d{8}T\d{6}Z)(?:-(?P<label>[A-Za-z0-9._-]+?))?"
                        r"(?P<ext>\.tar|\.tar\.gz|\.tar\.zst)(?P<age>\.age)?$")
 _LABEL_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_CHECKSUM_LINE = re.compile(r"^(\\?)([0-9a-f]{64})  (.+)$")
 
 BACKUP_DEFAULTS = {
     "databases": None, "extra_paths": None, "root": None, "dest": None, "name_prefix": "backup",
@@ -331,16 +336,17 @@ class DestLock:
 # snapshot
 
 
-def snapshot_database(path: str, target: str, busy_timeout: int, check: str, wait: bool = True) -> dict:
+def snapshot_database(path: str, target: str, busy_timeout: int, check: str) -> dict:
     """Consistent online copy of ``path`` into ``target`` with the one-step backup API.
 
     A read transaction is opened first (waiting at most busy_timeout for a writer's lock), then
     the whole database is copied in one backup step inside that transaction: the copy is the
     snapshot as of BEGIN, and foreign writes cannot restart it (step-by-step backups restart on
-    every write and never finish under load). The snapshot's check then runs in a thread while
-    this thread hashes the snapshot (SQLite and hashlib both release the GIL). Returns the
-    manifest's database entry, ``size`` and ``sha256`` included; with ``wait=False`` its
-    ``check`` is still running (a _Background whose result() is the check entry or raises).
+    every write and never finish under load). The snapshot's check then starts in a thread, so
+    it runs while the caller archives (and hashes) the same file: SQLite and hashlib both release
+    the GIL. Returns the manifest's database entry and ``size``; its ``check`` is still running (a
+    _Background whose result() is the check entry or raises), and the caller must call
+    ``info["check"].result()`` before publishing anything.
     """
     require_database(path)
     src = connect(path, busy_timeout_ms=busy_timeout, readonly=True)
@@ -383,20 +389,10 @@ def snapshot_database(path: str, target: str, busy_timeout: int, check: str, wai
             conn.close()
     except sqlite3.Error as exc:
         raise RunbookError("%s: snapshot cannot be read back: %s" % (path, exc)) from None
-    # the check runs in a thread while the caller hashes and archives the same file; the caller
-    # must call info["check"].result() before publishing anything
-    pending = _Background(_check_snapshot, path, uri, check)
-    info = {"page_count": stats["page_count"], "page_size": stats["page_size"],
-            "journal_mode": source_mode, "user_version": stats["user_version"],
-            "check": pending, "size": os.path.getsize(target), "sha256": None}
-    try:
-        info["sha256"] = _sha256_file(target)
-    finally:
-        if info["sha256"] is None:
-            pending.result_quietly()
-    if wait:
-        info["check"] = pending.result()
-    return info
+    size = os.path.getsize(target)
+    return {"page_count": stats["page_count"], "page_size": stats["page_size"], "journal_mode": source_mode,
+            "user_version": stats["user_version"], "size": size,
+            "check": _Background(_check_snapshot, path, uri, check)}
 
 
 def _check_snapshot(path: str, uri: str, check: str) -> dict:
@@ -466,6 +462,54 @@ class _HashThread:
             self._thread.join()
             self._hex = self._digest.hexdigest()
         return self._hex
+
+
+class _TailHash:
+    """sha256 of a file this process is appending to (``fd``, opened for reading too), by a thread
+    that reads what has reached the file (everything below its size) from the page cache at its own
+    pace. The writer hands it nothing and never waits for it, so the hashing goes on while the
+    writer waits for its write-back steps (a queue of the writer's buffers would stall as soon as
+    the writer stops for the disk). ``finish()`` after the writer's last flush."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._done = threading.Event()
+        self._hex = self._error = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        digest = hashlib.sha256()
+        offset = 0
+        try:
+            while True:
+                last = self._done.is_set()  # read before the size: the size then includes the last write
+                end = os.fstat(self._fd).st_size
+                while offset < end:
+                    chunk = os.pread(self._fd, min(CHUNK, end - offset), offset)
+                    if not chunk:
+                        raise OSError(errno.EIO, "the file shrank while it was hashed")
+                    digest.update(chunk)
+                    offset += len(chunk)
+                if last:
+                    break
+                self._done.wait(FLUSH_POLL / 4)
+            self._hex = digest.hexdigest()
+        except OSError as exc:  # handed to the writer by finish()
+            self._error = exc
+
+    def finish(self) -> str:
+        """The digest of the whole file; raises the OSError that stopped the hashing, if any."""
+        self._done.set()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hex
+
+    def abort(self) -> None:
+        """Stop the thread (the write failed); its result is dropped."""
+        self._done.set()
+        self._thread.join()
 
 
 class _Flusher:
@@ -548,8 +592,9 @@ class _Flusher:
             raise error
 
 
-def _copy_hashing(src: str, dst: str) -> tuple[int, str]:
-    digest = hashlib.sha256()
+def _copy_file(src: str, dst: str) -> int:
+    """Stage an extra file in the work dir (the archive reads the copy, which nothing else
+    changes while it is written); returns its size."""
     size = 0
     try:
         source = open(src, "rb")
@@ -562,14 +607,13 @@ def _copy_hashing(src: str, dst: str) -> tuple[int, str]:
             raise RunbookError("%s: cannot write: %s" % (dst, describe_oserror(exc))) from None
         with os.fdopen(out, "wb") as target:
             for chunk in iter(lambda: source.read(CHUNK), b""):
-                digest.update(chunk)
                 size += len(chunk)
                 try:
                     target.write(chunk)
                 except OSError as exc:
                     raise RunbookError("%s: copy of %s failed: %s"
                                        % (os.path.dirname(dst), src, describe_oserror(exc))) from None
-    return size, digest.hexdigest()
+    return size
 
 
 def _member_name(path: str, root: str | None) -> str:
@@ -795,9 +839,55 @@ def _tar_header(info: tarfile.TarInfo) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
 
 
+def _checksum_line(digest: str, name: str) -> str:
+    """One line of sha256sum's format; a name with a backslash or newline is escaped as sha256sum
+    escapes it (the line then starts with a backslash)."""
+    if "\\" in name or "\n" in name:
+        return "\\%s  %s\n" % (digest, name.replace("\\", "\\\\").replace("\n", "\\n"))
+    return "%s  %s\n" % (digest, name)
+
+
+def _parse_checksums(path: str, data: bytes) -> dict:
+    """{member: sha256} from a set's SHA256SUMS member (the reverse of _checksum_line)."""
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        lines = [None]
+    if lines[-1] == "":
+        lines.pop()
+    sums = {}
+    for line in lines:
+        match = _CHECKSUM_LINE.match(line or "")
+        if not match:
+            raise RunbookError("%s: damaged set: %s is not in sha256sum format" % (path, CHECKSUMS))
+        escaped, digest, name = match.groups()
+        if escaped:
+            name = re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), name)
+        if name in sums:
+            raise RunbookError("%s: damaged set: %s lists %s twice" % (path, CHECKSUMS, name))
+        sums[name] = digest
+    return sums
+
+
 def _tar_stream(put, manifest_bytes: bytes, entries: list[dict], workdir: str) -> None:
     """The set's tar stream, block for block what tarfile writes (PAX headers, 512-byte padding,
-    two zero blocks, padded to a 10240-byte record), passed to ``put`` in chunks of at most CHUNK."""
+    two zero blocks, padded to a 10240-byte record), passed to ``put`` in chunks of at most CHUNK.
+
+    Every file member's sha256 (``entry["sha256"]``) is written after the members, as the last
+    member, SHA256SUMS. A large one is computed by a thread reading its staged file from the start,
+    at its own pace, while the archive is written: it needs nothing from this stream, so it never
+    waits for the stream's write-back steps (nor the stream for it); a small one from the buffers."""
+    hashing = {entry["member"]: _Background(_sha256_file, os.path.join(workdir, entry["staged"]))
+               for entry in entries if entry["type"] in ("database", "file") and entry["size"] > 4 * CHUNK}
+    try:
+        _emit_members(put, manifest_bytes, entries, workdir, hashing)
+    finally:
+        for pending in hashing.values():
+            pending.result_quietly()  # no thread reads a staged file after a failed run removed it
+
+
+def _emit_members(put, manifest_bytes: bytes, entries: list[dict], workdir: str, hashing: dict) -> None:
+    """_tar_stream's blocks; ``hashing``: {member: _Background computing its sha256}."""
     written = 0
 
     def emit(data):
@@ -809,61 +899,76 @@ def _tar_stream(put, manifest_bytes: bytes, entries: list[dict], workdir: str) -
         if size % tarfile.BLOCKSIZE:
             emit(tarfile.NUL * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
 
-    emit(_tar_header(_tarinfo(MANIFEST, "file", size=len(manifest_bytes))))
-    emit(manifest_bytes)
-    pad(len(manifest_bytes))
+    def add_file(name, data, mode=0o600, mtime=None):
+        emit(_tar_header(_tarinfo(name, "file", size=len(data), mode=mode, mtime=mtime)))
+        emit(data)
+        pad(len(data))
+
+    add_file(MANIFEST, manifest_bytes)
     for entry in entries:
         if entry["type"] in ("database", "file"):
             emit(_tar_header(_tarinfo(entry["member"], "file", size=entry["size"], mode=entry.get("mode", 0o600),
                                       mtime=entry.get("mtime"))))
             staged = os.path.join(workdir, entry["staged"])
             size = 0
+            digest = None if entry["member"] in hashing else hashlib.sha256()
             with open(staged, "rb") as handle:
                 while True:
                     chunk = handle.read(CHUNK)
                     if not chunk:
                         break
                     size += len(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
                     emit(chunk)
             if size != entry["size"]:  # our private copy: only a bug or a failing disk gets here
                 raise RunbookError("%s: staged copy of %s changed size while archiving (%d, expected %d)"
                                    % (staged, entry["path"], size, entry["size"]))
             pad(size)
+            if digest is not None:
+                entry["sha256"] = digest.hexdigest()
         elif entry["type"] == "dir":
             emit(_tar_header(_tarinfo(entry["member"], "dir", mode=entry.get("mode", 0o700),
                                       mtime=entry.get("mtime"))))
         else:
             emit(_tar_header(_tarinfo(entry["member"], "symlink", target=entry["target"], mode=0o777)))
+    for entry in entries:
+        if entry["member"] in hashing:
+            entry["sha256"] = hashing[entry["member"]].result()
+    add_file(CHECKSUMS, "".join(_checksum_line(entry["sha256"], entry["member"])
+                                for entry in entries if entry["type"] in ("database", "file")).encode("utf-8"))
     emit(tarfile.NUL * (tarfile.BLOCKSIZE * 2))
     if written % tarfile.RECORDSIZE:
         emit(tarfile.NUL * (tarfile.RECORDSIZE - written % tarfile.RECORDSIZE))
 
 
 def _write_archive(staged, opts: dict, manifest_bytes: bytes, entries: list[dict],
-                   workdir: str, *, throttle=None, verify: bool = False) -> str | None:
+                   workdir: str, *, throttle=None, verify: bool = False, sidecar: bool = True) -> str | None:
     """Write the set into ``staged``. For ``none`` and ``zstd`` returns the sha256 of exactly the
-    bytes written (the sidecar digest, computed from the same buffers in the same pass); for
-    ``gzip`` None. ``throttle`` (an inline _Flusher's) is called after each write into the file
-    to keep pace with the disk. ``verify``: zstd -t the zstd output while it is written (_ZstdOut)."""
+    bytes written (the sidecar digest: for ``none`` read back from the page cache by a _TailHash
+    while the set is written, for ``zstd`` hashed by the relay from the buffers it writes); for
+    ``gzip``, and for ``none`` without ``sidecar``, None. ``throttle`` (an inline _Flusher's) is
+    called after each write into the file to keep pace with the disk. ``verify``: zstd -t the zstd
+    output while it is written (_ZstdOut)."""
     compression = opts["compression"]
     sink, pipeline = _open_writer(staged, compression, level=opts["compression_level"],
                                   threads=opts["compression_threads"], throttle=throttle, verify=verify)
-    digest = _HashThread() if compression == "none" else None
+    digest = _TailHash(staged.fileobj.fileno()) if compression == "none" and sidecar else None
     paced = throttle if pipeline is None else None  # zstd's relay thread writes the file and paces it
 
     def put(data):
         sink.write(data)
-        if digest is not None:
-            digest.update(data)
         if paced is not None:
             paced()
 
     try:
         _tar_stream(put, manifest_bytes, entries, workdir)
         sink.close()
+        if digest is not None:
+            staged.fileobj.flush()  # the tail hash reads what reached the file
     except OSError as exc:
         if digest is not None:
-            digest.hexdigest()
+            digest.abort()
         cause = describe_oserror(exc)
         if pipeline is not None:
             pipeline.abort()
@@ -871,7 +976,7 @@ def _write_archive(staged, opts: dict, manifest_bytes: bytes, entries: list[dict
         raise RunbookError("%s: writing the set failed: %s" % (staged.path, cause)) from None
     except BaseException:
         if digest is not None:
-            digest.hexdigest()
+            digest.abort()
         if pipeline is not None:
             pipeline.abort()
         raise
@@ -881,7 +986,13 @@ def _write_archive(staged, opts: dict, manifest_bytes: bytes, entries: list[dict
         except BaseException:
             pipeline.abort()
             raise
-    return digest.hexdigest() if digest is not None else None
+    if digest is None:
+        return None
+    try:
+        return digest.finish()
+    except OSError as exc:
+        raise RunbookError("%s: reading the set back for its sha256 failed: %s"
+                           % (staged.path, describe_oserror(exc))) from None
 
 
 def _zstd_error(proc) -> str:
@@ -1116,16 +1227,21 @@ def _safe_member(info: tarfile.TarInfo, path: str) -> None:
                                % (path, name, target))
 
 
-def scan_set(path: str, extract_to: dict | None = None, identity: str | None = None, on_manifest=None,
-             write_back: _WriteBack | None = None) -> dict:
-    """Read a set once: check every member header, hash every file against the manifest.
+def scan_set(path: str, extract_to: dict | None = None, identity: str | None = None, *, on_manifest=None,
+             write_back: _WriteBack | None = None, then=None) -> dict:
+    """Read a set once: check every member header, hash every file member and compare it with the
+    set's checksums (SHA256SUMS, its last member; in a format 1 set, the manifest).
 
     With ``extract_to`` ({member: target file path}) the named regular members are written to
-    those paths while they are hashed. ``on_manifest(manifest)``, called as soon as the manifest
-    (the first member) is read, may return such a mapping instead: restore plans its targets from
-    the manifest and extracts in the same pass. Extracted files are only candidates until the
-    scan returns (a later member or the sidecar check can still fail); the caller owns them.
-    ``identity`` is the age identity file for an encrypted set. Returns the manifest.
+    those paths. ``on_manifest(manifest)``, called as soon as the manifest (the first member) is
+    read, may return such a mapping instead: restore plans its targets from the manifest and
+    extracts in the same pass. A large extracted file is written as fast as the page cache takes it
+    and hashed afterwards, from the file, in a thread of its own; ``then()``, if given, runs as soon
+    as every member is read, while those hashes are still being computed (restore and drill pass
+    their SQLite check of the extracted copies, which so need not wait for the hashes). A member
+    that does not match its sha256 is reported before a failure of ``then()``. Extracted files are
+    only candidates until the scan returns; the caller owns them. ``identity`` is the age identity
+    file for an encrypted set. Returns the manifest, with each file member's sha256 in it.
 
     Extracted files are scratch copies (a drill's) unless ``write_back`` (a _WriteBack) is given:
     then a large one is written back to disk by a thread while it is extracted, and every
@@ -1133,10 +1249,35 @@ def scan_set(path: str, extract_to: dict | None = None, identity: str | None = N
     and the caller checks the copies. The caller must call ``write_back.wait()`` before it relies
     on any of them.
     """
+    pending = {}  # member: _Background hashing its extracted file
+    failure = None
+    try:
+        manifest, digests, sums = _read_members(path, identity, extract_to=extract_to, on_manifest=on_manifest,
+                                                write_back=write_back, pending=pending)
+        if then is not None:
+            try:
+                then()
+            except RunbookError as exc:  # reported after the checksums: a damaged member explains it
+                failure = exc
+        for member, hashing in pending.items():
+            digests[member] = hashing.result()
+    finally:
+        for hashing in pending.values():
+            hashing.result_quietly()  # no thread reads a file after its caller removed it
+    _compare_checksums(path, manifest, digests, sums)
+    if failure is not None:
+        raise failure
+    return manifest
+
+
+def _read_members(path: str, identity: str | None, *, extract_to: dict | None, on_manifest,
+                  write_back: _WriteBack | None, pending: dict):
+    """scan_set's pass over the archive: (manifest, {member: sha256}, SHA256SUMS as a dict or None)."""
     try:
         with _Reader(path, identity) as reader:
             try:
-                manifest, expected, seen = _scan_members(reader, path, extract_to, on_manifest, write_back)
+                found = _scan_members(reader, path, extract_to=extract_to, on_manifest=on_manifest,
+                                      write_back=write_back, pending=pending)
                 if reader.proc is not None:
                     reader.proc.stdout.read()
                     if reader.proc.wait() != 0:
@@ -1157,18 +1298,24 @@ def scan_set(path: str, extract_to: dict | None = None, identity: str | None = N
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise RunbookError("%s: extraction failed: no space left on device" % path) from None
         raise RunbookError("%s: damaged or truncated set: %s" % (path, exc)) from None
+    manifest, expected, seen, digests, sums = found
     if manifest is None:
         raise RunbookError("%s: damaged or truncated set: empty archive" % path)
     missing = sorted(set(expected) - seen)
     if missing:
         raise RunbookError("%s: damaged or truncated set: missing member(s) %s" % (path, ", ".join(missing)))
-    return manifest
+    if manifest["format"] >= 2 and sums is None:
+        raise RunbookError("%s: damaged or truncated set: no %s member (the sha256 of every file, "
+                           "written last)" % (path, CHECKSUMS))
+    return manifest, digests, sums
 
 
-def _scan_members(reader: _Reader, path: str, extract_to: dict | None, on_manifest, write_back: _WriteBack | None):
-    manifest = None
+def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_manifest,
+                  write_back: _WriteBack | None, pending: dict):
+    manifest = sums = None
     expected = {}
     seen = set()
+    digests = {}
     for index, info in enumerate(reader.tar):
         _safe_member(info, path)
         if index == 0:
@@ -1179,49 +1326,91 @@ def _scan_members(reader: _Reader, path: str, extract_to: dict | None, on_manife
             if on_manifest is not None:
                 extract_to = on_manifest(manifest) or extract_to
             continue
+        if sums is not None:
+            raise RunbookError("%s: damaged set: member %r follows %s, which must be the last member"
+                               % (path, info.name, CHECKSUMS))
+        if manifest["format"] >= 2 and info.name == CHECKSUMS:
+            if not info.isfile() or info.size > 64 * 1024 * 1024:
+                raise RunbookError("%s: damaged set: %s is not a regular file of checksums" % (path, CHECKSUMS))
+            sums = _parse_checksums(path, reader.tar.extractfile(info).read())
+            continue
         entry = expected.get(info.name)
         if entry is None:
             raise RunbookError("%s: member %r is not in the manifest" % (path, info.name))
         seen.add(info.name)
-        if info.isfile():
-            handle = reader.tar.extractfile(info)
-            out = flusher = None
-            target = extract_to.get(info.name) if extract_to else None
-            if target:
-                out = open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
-                if write_back is not None and info.size > FLUSH_EVERY:
-                    # written back by a thread while we extract; never throttled: the application
-                    # is stopped during a restore, and the extraction runs ahead of the disk
-                    flusher = _Flusher(out.fileno())
-            # a large member is hashed on the other core while this one reads and writes it
-            digest = _HashThread() if info.size > 4 * CHUNK else hashlib.sha256()
-            try:
-                while True:
-                    chunk = handle.read(CHUNK)
-                    if not chunk:
-                        break
+        if not info.isfile():
+            continue
+        if info.size != entry.get("size"):
+            raise RunbookError("%s: member %s does not match its size in the manifest (damaged set)"
+                               % (path, info.name))
+        handle = reader.tar.extractfile(info)
+        out = flusher = None
+        target = extract_to.get(info.name) if extract_to else None
+        if target:
+            out = open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+            if write_back is not None and info.size > FLUSH_EVERY:
+                # written back by a thread while we extract; never throttled: the application
+                # is stopped during a restore, and the extraction runs ahead of the disk
+                flusher = _Flusher(out.fileno())
+        # a large extracted file is hashed from the file once it is complete (see scan_set); any
+        # other member as it is read, a large one on the other core
+        if info.size <= 4 * CHUNK:
+            digest = hashlib.sha256()
+        else:
+            digest = None if target else _HashThread()
+        try:
+            while True:
+                chunk = handle.read(CHUNK)
+                if not chunk:
+                    break
+                if digest is not None:
                     digest.update(chunk)
-                    if out is not None:
-                        _write_out(out, chunk, target, info.name)
-                if write_back is not None and out is not None:  # its fsync goes on while we scan and check
-                    write_back.add(target, out, flusher)
-                    out = flusher = None
-            finally:
-                digest.hexdigest()  # joins the hash thread on every path
-                if flusher is not None:
-                    try:
-                        flusher.stop()
-                    except OSError:  # a write-back failure while another failure is being raised
-                        pass
                 if out is not None:
-                    try:
-                        out.close()
-                    except OSError:  # only after a failed write, which is already being raised
-                        pass
-            if digest.hexdigest() != entry.get("sha256") or info.size != entry.get("size"):
-                raise RunbookError("%s: member %s does not match its sha256 in the manifest (damaged set)"
-                                   % (path, info.name))
-    return manifest, expected, seen
+                    _write_out(out, chunk, target, info.name)
+            if write_back is not None and out is not None:  # its fsync goes on while we scan and check
+                write_back.add(target, out, flusher)
+                out = flusher = None
+        finally:
+            if digest is not None:
+                digest.hexdigest()  # joins the hash thread on every path
+            if flusher is not None:
+                try:
+                    flusher.stop()
+                except OSError:  # a write-back failure while another failure is being raised
+                    pass
+            if out is not None:
+                try:
+                    out.close()
+                except OSError:  # only after a failed write, which is already being raised
+                    pass
+        if digest is None:
+            pending[info.name] = _Background(_sha256_file, target)
+        else:
+            digests[info.name] = digest.hexdigest()
+    return manifest, expected, seen, digests, sums
+
+
+def _compare_checksums(path: str, manifest: dict, digests: dict, sums: dict | None) -> None:
+    """Every file member's sha256 against the set's checksums; then they go into the manifest."""
+    if sums is None:  # format 1: in the manifest
+        sums = {m["member"]: m.get("sha256") for m in manifest["members"] if m["type"] in ("database", "file")}
+        where = "the manifest"
+    else:
+        where = CHECKSUMS
+    for member, digest in digests.items():
+        if sums.get(member) != digest:
+            raise RunbookError("%s: member %s does not match its sha256 in %s (damaged set)" % (path, member, where))
+    unknown = sorted(set(sums) - set(digests))
+    if unknown:
+        raise RunbookError("%s: damaged set: %s lists %s, not a file of this set" % (path, where, ", ".join(unknown)))
+    _add_checksums(manifest, sums)
+
+
+def _add_checksums(manifest: dict, sums: dict) -> None:
+    """Put each file member's sha256 into the manifest's members and databases entries."""
+    for entry in manifest["members"] + manifest.get("databases", []):
+        if entry.get("member") in sums:
+            entry["sha256"] = sums[entry["member"]]
 
 
 def _write_out(out, chunk: bytes, target: str, member: str) -> None:
@@ -1287,9 +1476,9 @@ def _load_manifest(path: str, data: bytes) -> dict:
         raise RunbookError("%s: manifest.json is not valid JSON" % path) from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("members"), list):
         raise RunbookError("%s: manifest.json has no member list" % path)
-    if manifest.get("format") != FORMAT_VERSION:
-        raise RunbookError("%s: unsupported set format %r (this code reads format %d)"
-                           % (path, manifest.get("format"), FORMAT_VERSION))
+    if manifest.get("format") not in READ_FORMATS:
+        raise RunbookError("%s: unsupported set format %r (this code reads formats %s)"
+                           % (path, manifest.get("format"), ", ".join(str(f) for f in READ_FORMATS)))
     return manifest
 
 
@@ -1316,32 +1505,27 @@ def _require_sidecar_match(set_path: str, actual: str, expected: str) -> None:
 
 def verify_set(set_path: str, identity: str | None = None, on_manifest=None, then=None,
                write_back: _WriteBack | None = None) -> dict:
-    """sha256 of the set against its sidecar, and every member against the manifest (an encrypted
-    set is decrypted with the age ``identity`` file on the way); ``on_manifest`` extracts while it
-    scans (see scan_set). ``then()``, if given, runs after a successful scan and before the sidecar
-    comparison: restore and drill pass their SQLite check of the extracted copies. ``write_back``:
-    see scan_set.
+    """sha256 of the set against its sidecar, and every member against the set's checksums (an
+    encrypted set is decrypted with the age ``identity`` file on the way); ``on_manifest``
+    extracts while it scans and ``then()`` checks the extracted copies (see scan_set);
+    ``write_back``: see scan_set.
 
-    The sidecar hash is a second read of the whole set file. It runs in a thread that starts when
-    the scan has finished, side by side with ``then()``: the scan already keeps both cores busy
-    (extracting on one, hashing members on the other) while an SQLite check uses one. Whatever
-    the scan or ``then()`` finds, a sidecar mismatch is reported first.
+    The sidecar hash is a second read of the whole set file, in a thread from the start: while
+    the set is extracted, while the extracted files are hashed and while ``then()`` runs, there is
+    always a core that one of them leaves idle. Whatever the scan or ``then()`` finds, a sidecar
+    mismatch is reported first.
     """
     expected = read_sidecar(set_path)
-    hashed = None
-
-    def compare():
-        _require_sidecar_match(set_path, hashed.result() if hashed is not None else _sha256_file(set_path), expected)
-
+    hashed = _Background(_sha256_file, set_path)
     try:
-        manifest = scan_set(set_path, identity=identity, on_manifest=on_manifest, write_back=write_back)
-        hashed = _Background(_sha256_file, set_path)
-        if then is not None:
-            then()
+        manifest = scan_set(set_path, identity=identity, on_manifest=on_manifest, write_back=write_back, then=then)
     except RunbookError:
-        compare()
+        _require_sidecar_match(set_path, hashed.result(), expected)
         raise
-    compare()
+    except BaseException:
+        hashed.result_quietly()
+        raise
+    _require_sidecar_match(set_path, hashed.result(), expected)
     return manifest
 
 
@@ -1530,14 +1714,12 @@ def _write_set(opts: dict, dest: str, mode: int) -> dict:
                                    % (db, member, seen_members[member]))
             seen_members[member] = db
             staged_name = "db-%d" % index
-            info = snapshot_database(db, os.path.join(workdir, staged_name), opts["busy_timeout"], opts["check"],
-                                     wait=False)
-            checks.append(info["check"])
-            size, digest = info.pop("size"), info.pop("sha256")
-            entries.append({"type": "database", "member": member, "path": os.path.abspath(db), "size": size,
-                            "sha256": digest, "staged": staged_name, "mode": 0o600})
+            info = snapshot_database(db, os.path.join(workdir, staged_name), opts["busy_timeout"], opts["check"])
+            checks.append(info.pop("check"))
+            entries.append({"type": "database", "member": member, "path": os.path.abspath(db), "size": info["size"],
+                            "staged": staged_name, "mode": 0o600})
             # the manifest records the check as passed: if it fails, this set is never published
-            databases.append(dict(info, path=os.path.abspath(db), member=member, size=size, sha256=digest,
+            databases.append(dict(info, path=os.path.abspath(db), member=member,
                                   check={"kind": opts["check"], "ok": True, "errors": []}))
         counter = 0
         for extra in opts["extra_paths"] or []:
@@ -1555,7 +1737,7 @@ def _write_set(opts: dict, dest: str, mode: int) -> dict:
                 if kind == "file":
                     counter += 1
                     entry["staged"] = "file-%d" % counter
-                    entry["size"], entry["sha256"] = _copy_hashing(full, os.path.join(workdir, entry["staged"]))
+                    entry["size"] = _copy_file(full, os.path.join(workdir, entry["staged"]))
                 elif kind == "symlink":
                     entry["target"] = target
                 entries.append(entry)
@@ -1570,6 +1752,7 @@ def _write_set(opts: dict, dest: str, mode: int) -> dict:
             "root": os.path.abspath(opts["root"]) if opts["root"] else None,
             "check": opts["check"],
             "encrypted": bool(recipients),
+            "checksums": CHECKSUMS,
             "databases": databases,
             "members": [{key: value for key, value in entry.items() if key != "staged"} for entry in entries],
         }
@@ -1581,7 +1764,7 @@ def _write_set(opts: dict, dest: str, mode: int) -> dict:
                 # the plain archive is written and verified inside the private work dir, then encrypted
                 plain = _PlainArchive(os.path.join(workdir, "plain" + EXTENSIONS[opts["compression"]]))
                 try:
-                    _write_archive(plain, opts, manifest_bytes, entries, workdir)
+                    _write_archive(plain, opts, manifest_bytes, entries, workdir, sidecar=False)
                 finally:
                     plain.close()
                 _wait_checks(checks)
@@ -1610,6 +1793,8 @@ def _write_set(opts: dict, dest: str, mode: int) -> dict:
         for pending in checks:
             pending.result_quietly()  # a failed run still waits for its checks before removing their files
         remove_temp_dir(workdir)
+    # what the caller gets back: the manifest with each member's sha256 from SHA256SUMS
+    _add_checksums(manifest, {entry["member"]: entry["sha256"] for entry in entries if "sha256" in entry})
     return {"path": final, "name": name, "size": size, "sha256": digest, "databases": databases,
             "encrypted": bool(recipients),
             "extra_members": [entry["member"] for entry in entries if entry["type"] != "database"],
@@ -1783,15 +1968,22 @@ def _target(path: str, dest_root: str | None) -> str:
     return path
 
 
-def _same_content(path: str, member: dict) -> bool:
+def _existing_digest(path: str, member: dict) -> str | None:
+    """sha256 of the file at ``path`` when it may hold exactly ``member`` (same size and, for a
+    database, no non-empty -wal or -journal beside it); None when it certainly differs."""
     if member["type"] == "database":
         for extra in sidecar_paths(path):
             if os.path.exists(extra) and os.path.getsize(extra) > 0 and not extra.endswith("-shm"):
-                return False
+                return None
     try:
-        return os.path.getsize(path) == member["size"] and _sha256_file(path) == member["sha256"]
+        if os.path.getsize(path) != member["size"]:
+            return None
     except OSError:
-        return False
+        return None
+    try:
+        return _sha256_file(path)
+    except RunbookError:  # unreadable: it cannot be shown to match
+        return None
 
 
 def restore(params: dict, check_mode: bool = False) -> dict:
@@ -1819,11 +2011,13 @@ def _restore_locked(opts: dict, check_mode: bool) -> dict:
     job = _RestoreJob(set_path, opts, check_mode)
     try:
         # one pass: the manifest (first member) gives the plan, the planned members are extracted
-        # into temp files while they are hashed; then the SQLite check of each extracted database,
-        # side by side with the sidecar hash and the temp files' write-back; nothing live is
-        # touched before all of it has passed
+        # into temp files; then the SQLite check of each extracted database, side by side with the
+        # extracted files' hashes and write-back (the sidecar hash runs from the start); the set's
+        # checksums (its last member) settle what already matched; nothing live is touched before
+        # all of it has passed
         manifest = verify_set(set_path, identity=opts["identity_file"], on_manifest=job.prepare,
                               then=job.check_extracted, write_back=job.write_back)
+        job.settle()
         result = {"set": os.path.basename(set_path), "set_path": set_path, "verified": True, "manifest": manifest,
                   "restored": [t for m, t in job.plan if m["type"] != "dir"], "skipped_paths": job.skipped,
                   "safety_copies": [], "row_counts": {}, "changed": bool(job.plan)}
@@ -1844,6 +2038,9 @@ class _RestoreJob:
         self.opts = opts
         self.check_mode = check_mode
         self.plan, self.skipped, self.staged = [], [], []
+        # existing files of the member's size, with their sha256: whether they already hold the
+        # member is known only once the set's checksums are read (SHA256SUMS is its last member)
+        self.undecided = []
         self.temp_dirs = {}
         self.write_back = _WriteBack()  # the extracted files' fsyncs (see scan_set)
         self.created = []  # parent directories this run made, removed again if it fails
@@ -1868,16 +2065,21 @@ class _RestoreJob:
                 if member["type"] == "symlink":
                     if os.path.islink(target) and os.readlink(target) == member["target"]:
                         continue
-                elif _same_content(target, member):
-                    continue
+                else:
+                    digest = _existing_digest(target, member)
+                    if digest is not None and "sha256" not in member:  # format 2: decided in settle()
+                        self.undecided.append((member, target, digest))
+                        if not opts["force"]:
+                            continue  # not extracted: without force it is either left alone or refused
+                    elif digest is not None and digest == member["sha256"]:
+                        continue
                 if not opts["force"]:
-                    raise RunbookError("%s: exists and differs from set %s; set force=true to replace it "
-                                       "(or if_missing=true to skip existing files)"
-                                       % (target, os.path.basename(self.set_path)))
+                    self._refuse_differing(target)
             self.plan.append((member, target))
         if not opts["force_running"]:
+            decided_later = {id(member) for member, _target, _digest in self.undecided}
             for member, target in self.plan:
-                if member["type"] == "database" and os.path.lexists(target):
+                if member["type"] == "database" and os.path.lexists(target) and id(member) not in decided_later:
                     refuse_if_in_use(target)
         if self.check_mode:
             return {}
@@ -1897,6 +2099,24 @@ class _RestoreJob:
             extract_to[member["member"]] = temp
             self.staged.append((member, target, temp))
         return extract_to
+
+    def _refuse_differing(self, target: str) -> None:
+        raise RunbookError("%s: exists and differs from set %s; set force=true to replace it "
+                           "(or if_missing=true to skip existing files)" % (target, os.path.basename(self.set_path)))
+
+    def settle(self) -> None:
+        """After the verified pass (the manifest now carries every sha256): an undecided file that
+        holds its member is left alone (its extracted copy, if any, is not used); one that differs
+        is replaced with force (after the running-app check) and refused without it."""
+        for member, target, digest in self.undecided:
+            if digest == member["sha256"]:
+                self.plan = [(m, t) for m, t in self.plan if m is not member]
+                self.staged = [item for item in self.staged if item[0] is not member]
+                continue
+            if not self.opts["force"]:
+                self._refuse_differing(target)
+            if member["type"] == "database" and not self.opts["force_running"]:
+                refuse_if_in_use(target)
 
     def _makedirs(self, directory: str) -> None:
         missing = []

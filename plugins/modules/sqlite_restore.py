@@ -13,10 +13,10 @@ version_added: 0.1.0
 description:
   - Picks a set in O(src) (the newest verified one, one before a point in time, one with a label, or a named one),
     refuses unsafe archive members (absolute paths, C(..), links pointing outside, hard links, devices), and
-    verifies every member's sha256 against the manifest while it extracts each file into a temp directory next
-    to its destination.
-  - Then runs the SQLite check on every extracted database, verifies the set file's sha256 against its
-    C(.sha256) file and makes the extracted files durable (fsync), side by side. Only when all of that passed
+    extracts each file into a temp directory next to its destination.
+  - Then runs the SQLite check on every extracted database, verifies every member's sha256 against the set's
+    C(SHA256SUMS) (the manifest, in sets of format 1) and the set file's sha256 against its C(.sha256) file,
+    and makes the extracted files durable (fsync), side by side. Only when all of that passed
     does it keep a safety copy of what is replaced, remove stale C(-wal)/C(-shm)/C(-journal) files and rename
     the new file into place, keeping the replaced file's owner and mode.
   - O(mode=drill) restores into a scratch directory, checks each database, reports row counts per table
@@ -218,7 +218,7 @@ row_counts:
   type: dict
   sample: {"app.db": {"items": 50, "users": 1}}
 manifest:
-  description: The set's manifest.
+  description: The set's manifest, with each member's C(sha256) from the set's C(SHA256SUMS) member.
   returned: always
   type: dict
 """

@@ -76,7 +76,7 @@ def _hostile_members(kind, outside):
 
 def craft_set(sets_dir, kind, outside, recipient=None):
     info, payload, entry = _hostile_members(kind, outside)
-    manifest = {"format": bs.FORMAT_VERSION, "name": "x", "members": [entry], "databases": []}
+    manifest = {"format": 1, "name": "x", "members": [entry], "databases": []}  # sha256s in the manifest
     data = json.dumps(manifest).encode()
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:

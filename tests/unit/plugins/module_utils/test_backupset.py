@@ -12,6 +12,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -96,13 +97,19 @@ def fake_set(dest, when, prefix="backup", verified=True, ext=".tar.gz"):
     return name
 
 
-def write_set(path, members, sidecar=True):
-    """Craft a set: members is a list of (TarInfo, bytes or None); manifest built from the files."""
-    manifest = {"format": bs.FORMAT_VERSION, "members": [], "databases": []}
+def write_set(path, members, sidecar=True, fmt=bs.FORMAT_VERSION):
+    """Craft a set: members is a list of (TarInfo, bytes or None); manifest built from the files,
+    their sha256s in a last SHA256SUMS member (format 2) or in the manifest (format 1)."""
+    manifest = {"format": fmt, "members": [], "databases": []}
+    sums = ""
     for info, data in members:
         entry = {"member": info.name, "path": "/nowhere/" + info.name, "type": "file"}
         if info.isfile():
-            entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+            entry["size"] = len(data)
+            if fmt == 1:
+                entry["sha256"] = hashlib.sha256(data).hexdigest()
+            else:
+                sums += "%s  %s\n" % (hashlib.sha256(data).hexdigest(), info.name)
         manifest["members"].append(entry)
     raw = json.dumps(manifest).encode()
     with tarfile.open(str(path), "w") as tar:
@@ -111,6 +118,8 @@ def write_set(path, members, sidecar=True):
         tar.addfile(info, io.BytesIO(raw))
         for info, data in members:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
+        if fmt >= 2:
+            tar.addfile(_info(bs.CHECKSUMS, size=len(sums)), io.BytesIO(sums.encode()))
     if sidecar:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         (path.parent / (path.name + ".sha256")).write_text("%s  %s\n" % (digest, path.name))
@@ -136,7 +145,8 @@ def test_backup_writes_one_verified_set_with_manifest(app):
     with tarfile.open(result["path"]) as tar:
         names = tar.getnames()
         manifest = json.load(tar.extractfile(bs.MANIFEST))
-    assert names[0] == "manifest.json"
+        sums = tar.extractfile(bs.CHECKSUMS).read().decode()
+    assert names[0] == "manifest.json" and names[-1] == "SHA256SUMS"
     assert "databases/app.db" in names and "databases/tokens.db" in names
     assert "files/.env" in names and "files/certs/server.pem" in names and "files/certs/current.pem" in names
     assert manifest["format"] == bs.FORMAT_VERSION
@@ -152,7 +162,16 @@ def test_backup_writes_one_verified_set_with_manifest(app):
     assert dbs["databases/app.db"]["page_count"] > 0 and dbs["databases/app.db"]["page_size"] > 0
     assert dbs["databases/app.db"]["check"]["ok"] is True
     env = [m for m in manifest["members"] if m["member"] == "files/.env"][0]
-    assert env["sha256"] == hashlib.sha256(b"API_KEY=secret\n").hexdigest()
+    # the stored manifest has no sha256s: they are in SHA256SUMS, written after the data
+    assert "sha256" not in env and manifest["checksums"] == "SHA256SUMS"
+    env_sum = "%s  files/.env\n" % hashlib.sha256(b"API_KEY=secret\n").hexdigest()
+    assert env_sum in sums
+    assert sorted(line.split("  ", 1)[1] for line in sums.splitlines()) == sorted(
+        m["member"] for m in manifest["members"] if m["type"] in ("database", "file"))
+    # the manifest returned to the caller carries them
+    returned = [m for m in result["manifest"]["members"] if m["member"] == "files/.env"][0]
+    assert returned["sha256"] == hashlib.sha256(b"API_KEY=secret\n").hexdigest()
+    assert all(len(db["sha256"]) == 64 for db in result["databases"])
     assert env["mode"] == 0o640 and env["path"] == str(root / ".env")
     assert result["extra_members"][:1] == ["files/.env"]
     assert [d["member"] for d in result["databases"]] == ["databases/app.db", "databases/tokens.db"]
@@ -729,6 +748,51 @@ def test_restore_if_missing(backed_up):
     assert again["changed"] is False and again["restored"] == []
 
 
+def test_restore_decides_same_size_files_from_the_checksums_at_the_end(backed_up):
+    """A file of the member's size may or may not hold it: that is known once SHA256SUMS (the
+    set's last member) is read. Without force it is refused then, in check mode too, and nothing
+    is extracted; with force it is replaced; a file that matches is left alone."""
+    root, dest = backed_up[:2]
+    bs.restore({"src": str(dest), "force": True})  # the databases as in the set
+    env = root / ".env"
+    env.write_text("API_KEY=SECRET\n")  # same size as the member, other content
+    before = listing(root)
+    for check_mode in (True, False):
+        with pytest.raises(RunbookError, match=r"\.env: exists and differs .* force=true"):
+            bs.restore({"src": str(dest)}, check_mode=check_mode)
+        assert env.read_text() == "API_KEY=SECRET\n"
+        assert listing(root) == before  # no temp file, no safety copy
+    planned = bs.restore({"src": str(dest), "force": True}, check_mode=True)
+    assert str(env) in planned["restored"] and planned["changed"] is True
+    assert env.read_text() == "API_KEY=SECRET\n"
+    out = bs.restore({"src": str(dest), "force": True})
+    assert str(env) in out["restored"] and env.read_text() == "API_KEY=secret\n"
+    assert any(p.startswith(str(env) + ".pre-restore-") for p in out["safety_copies"])
+    # now every file matches: with or without force nothing is replaced, no temp file is left
+    for opts in ({}, {"force": True}):
+        again = bs.restore(dict({"src": str(dest)}, **opts))
+        assert again["changed"] is False and again["restored"] == [] and again["safety_copies"] == []
+    assert not [n for n in listing(root) if n.startswith(".runbook-tmp-")]
+
+
+def test_restore_of_an_unchanged_database_ignores_a_running_app(backed_up):
+    """The running-app check guards a replacement: a database that already holds the set's copy is
+    left alone, so an app that has it open is no reason to refuse (decided after the checksums)."""
+    root, dest = backed_up[:2]
+    bs.restore({"src": str(dest), "force": True})
+    db = str(root / "app.db")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, db], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        assert bs._sqlite_locked(db)
+        out = bs.restore({"src": str(dest), "force": True})
+        assert out["changed"] is False and db not in out["restored"]
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
 def test_restore_to_a_fresh_root_with_extra_files(backed_up, tmp_path):
     root, dest = backed_up[:2]
     fresh = tmp_path / "fresh"
@@ -959,17 +1023,87 @@ def test_malicious_members_are_refused_before_extraction(tmp_path, member, reaso
     assert not os.path.exists("/etc/evil")
 
 
-def test_member_not_in_manifest_is_refused(tmp_path):
+@pytest.mark.parametrize("fmt, expected", [
+    (1, "not in the manifest"),
+    (2, "'files/extra.txt' follows SHA256SUMS, which must be the last"),
+])
+def test_member_appended_to_a_set_is_refused(tmp_path, fmt, expected):
     src = tmp_path / "sets"
     src.mkdir()
     path = src / "backup-20260101T000000Z.tar"
-    write_set(path, [(_info("files/ok.txt", size=2), b"ok")])
+    write_set(path, [(_info("files/ok.txt", size=2), b"ok")], fmt=fmt)
     with tarfile.open(str(path), "a") as tar:
         tar.addfile(_info("files/extra.txt", size=1), io.BytesIO(b"e"))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     (src / (path.name + ".sha256")).write_text("%s  %s\n" % (digest, path.name))
-    with pytest.raises(RunbookError, match="not in the manifest"):
+    with pytest.raises(RunbookError, match=expected):
         bs.verify_set(str(path))
+
+
+def test_member_not_in_manifest_is_refused(tmp_path):
+    members = [(_info("files/ok.txt", size=2), b"ok"), (_info("files/extra.txt", size=1), b"e")]
+    path = tmp_path / "backup-20260101T000000Z.tar"
+    _write_raw_set(path, _v2_manifest(members[:1]), members, bs.CHECKSUMS, _sums(members))
+    with pytest.raises(RunbookError, match="'files/extra.txt' is not in the manifest"):
+        bs.verify_set(str(path))
+
+
+def _sums(members):
+    return "".join("%s  %s\n" % (hashlib.sha256(data).hexdigest(), info.name) for info, data in members)
+
+
+def _write_raw_set(path, manifest, members, trailer_name=None, trailer=""):
+    """A set exactly as given (manifest, members, then an optional trailer member), with its sidecar."""
+    raw = json.dumps(manifest).encode()
+    with tarfile.open(str(path), "w") as tar:
+        tar.addfile(_info(bs.MANIFEST, size=len(raw)), io.BytesIO(raw))
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+        if trailer_name:
+            tar.addfile(_info(trailer_name, size=len(trailer.encode())), io.BytesIO(trailer.encode()))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    (path.parent / (path.name + ".sha256")).write_text("%s  %s\n" % (digest, path.name))
+
+
+def _v2_manifest(members):
+    return {"format": 2, "checksums": bs.CHECKSUMS, "databases": [],
+            "members": [{"member": info.name, "path": "/nowhere/" + info.name, "type": "file", "size": len(data)}
+                        for info, data in members]}
+
+
+@pytest.mark.parametrize("case, trailer_name, trailer, expected", [
+    ("no checksums member", None, "", "damaged or truncated set: no SHA256SUMS member"),
+    ("a wrong sha256", bs.CHECKSUMS, "%s  files/a.txt\n%s  files/b.txt\n" % ("0" * 64, "1" * 64),
+     "member files/a.txt does not match its sha256 in SHA256SUMS"),
+    ("a file missing from it", bs.CHECKSUMS, "SUMS:a", "member files/b.txt does not match its sha256 in SHA256SUMS"),
+    ("a name that is not a file of the set", bs.CHECKSUMS, "SUMS:ab+extra",
+     "SHA256SUMS lists files/ghost.txt, not a file of this set"),
+    ("a line not in sha256sum format", bs.CHECKSUMS, "SUMS:ab+garbage", "SHA256SUMS is not in sha256sum format"),
+    ("a name listed twice", bs.CHECKSUMS, "SUMS:ab+twice", "SHA256SUMS lists files/a.txt twice"),
+])
+def test_format_2_checksums_member_is_required_and_exact(tmp_path, case, trailer_name, trailer, expected):
+    members = [(_info("files/a.txt", size=1), b"a"), (_info("files/b.txt", size=1), b"b")]
+    sums = {"SUMS:a": _sums(members[:1]), "SUMS:ab+extra": _sums(members) + "%s  files/ghost.txt\n" % ("2" * 64),
+            "SUMS:ab+garbage": _sums(members) + "not a checksum line\n",
+            "SUMS:ab+twice": _sums(members) + _sums(members[:1])}
+    path = tmp_path / "backup-20260101T000000Z.tar"
+    _write_raw_set(path, _v2_manifest(members), members, trailer_name, sums.get(trailer, trailer))
+    with pytest.raises(RunbookError, match=re.escape(expected)):
+        bs.verify_set(str(path))
+
+
+def test_format_2_checksums_with_escaped_names_round_trip(tmp_path):
+    """A member name with a backslash or a newline is written the way sha256sum escapes it."""
+    names = ["files/back\\slash.txt", "files/new\nline.txt", "files/plain.txt"]
+    members = [(_info(name, size=len(name)), name.encode()) for name in names]
+    text = "".join(bs._checksum_line(hashlib.sha256(data).hexdigest(), info.name) for info, data in members)
+    assert text.splitlines()[0].startswith("\\") and text.splitlines()[2][0] != "\\"
+    assert bs._parse_checksums("x", text.encode()) == {
+        info.name: hashlib.sha256(data).hexdigest() for info, data in members}
+    path = tmp_path / "backup-20260101T000000Z.tar"
+    _write_raw_set(path, _v2_manifest(members), members, bs.CHECKSUMS, text)
+    manifest = bs.verify_set(str(path))
+    assert [m["sha256"] for m in manifest["members"]] == [hashlib.sha256(n.encode()).hexdigest() for n in names]
 
 
 def test_damaged_database_in_set_is_not_restored(app, tmp_path):
@@ -1132,13 +1266,22 @@ def test_uncompressed_set_is_a_plain_tar_manifest_first_and_its_sidecar_matches(
                          text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     listed = subprocess.run(["tar", "-tvf", path], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert listed[0].split()[-1] == "manifest.json"
+    assert listed[0].split()[-1] == "manifest.json" and listed[-1].split()[-1] == "SHA256SUMS"
+    # by hand at 3 am: extract, then sha256sum -c SHA256SUMS checks every file
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(["tar", "-xf", path, "-C", str(unpacked)], check=True)
+    out = subprocess.run(["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=str(unpacked), capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 0 and "databases/app.db: OK" in out.stdout, out.stdout + out.stderr
+    returned = {m["member"]: m for m in result["manifest"]["members"]}
     with tarfile.open(path) as tar:
         manifest = json.load(tar.extractfile(bs.MANIFEST))
         for member in manifest["members"]:
             info = tar.getmember(member["member"])
             if member["type"] in ("database", "file"):
-                assert hashlib.sha256(tar.extractfile(info).read()).hexdigest() == member["sha256"]
+                digest = hashlib.sha256(tar.extractfile(info).read()).hexdigest()
+                assert digest == returned[member["member"]]["sha256"]
                 assert info.size == member["size"] and info.mode == member["mode"]
             elif member["type"] == "symlink":
                 assert info.issym() and info.linkname == member["target"]
@@ -1154,7 +1297,7 @@ def test_sets_written_by_tarfile_still_restore(tmp_path):
     db = make_db(tmp_path / "orig.db", rows=20)
     raw = open(db, "rb").read()
     info = _info("databases/orig.db", size=len(raw))
-    path = write_set(src / "backup-20260101T000000Z.tar", [(info, raw)])
+    path = write_set(src / "backup-20260101T000000Z.tar", [(info, raw)], fmt=1)
     manifest = bs.verify_set(path)
     manifest["members"][0].update(type="database", path=str(tmp_path / "restored" / "orig.db"), mode=0o600)
     blob = json.dumps(manifest).encode()
@@ -1168,6 +1311,9 @@ def test_sets_written_by_tarfile_still_restore(tmp_path):
     result = bs.restore({"src": str(src)})
     assert result["restored"] == [str(tmp_path / "restored" / "orig.db")]
     assert count(tmp_path / "restored" / "orig.db") == 20
+    # format 1 has the sha256s in its manifest: a rerun finds the file in place before extracting
+    again = bs.restore({"src": str(src)})
+    assert again["changed"] is False and again["restored"] == []
 
 
 def test_flusher_writes_back_in_steps(tmp_path, monkeypatch):
