@@ -12,8 +12,13 @@ On one warm --size-mib WAL database, rounds interleaved and rotated:
   zstd_1, zstd_1_t0, zstd_3, zstd_3_t0: the zstd binary compressing the snapshot to /dev/null
                 (-T0: one thread per core; level 1 single-threaded is the engine's default);
                 output_bytes: what -1 and -3 write, measured once outside the timed rounds
-A lower bound for a set follows from these: the snapshot cannot overlap the writing of the set that
-contains it. Prints/writes one JSON object.
+  zstd_d:       zstd -d of the snapshot's level-1 output to /dev/null (what a restore of a zstd set
+                decodes)
+  copy_nofsync: the snapshot copied through a 1 MiB buffer, no fsync: the fastest a restore can have
+                its extracted copy complete for the check (not cp: its copy_file_range of a file that
+                was just written is slower here, see lib.floor_set)
+Lower bounds for a verified set and for its restore follow from these (render.py, "The least a
+verified set needs"). Prints/writes one JSON object.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -46,6 +52,11 @@ def sha256(path: str) -> None:
             digest.update(chunk)
 
 
+def copy_buffered(src: str, dst: str) -> None:
+    with open(src, "rb") as source, open(dst, "wb") as target:
+        shutil.copyfileobj(source, target, lib.MIB)
+
+
 def zstd(path: str, *flags: str) -> None:
     subprocess.run(["zstd", "-q", *flags, "-c", path], stdout=subprocess.DEVNULL, check=True)
 
@@ -62,6 +73,8 @@ def main(argv=None) -> int:
         lib.build_text_db(db, args.size_mib)
         snap = os.path.join(work, "snapshot.db")
         lib.snapshot(db, snap)
+        packed = os.path.join(work, "snapshot.db.zst")
+        subprocess.run(["zstd", "-q", "-1", "--check", "-o", packed, snap], check=True)
         methods = {
             "cp": lambda: lib.cp_fsync(db, os.path.join(work, "cp.db")),
             "backup_api": lambda: lib.snapshot(db, os.path.join(work, "again.db")),
@@ -71,6 +84,8 @@ def main(argv=None) -> int:
             "zstd_3_t0": lambda: zstd(snap, "-3", "-T0"),
             "zstd_1": lambda: zstd(snap, "-1", "-T1"),
             "zstd_1_t0": lambda: zstd(snap, "-1", "-T0"),
+            "zstd_d": lambda: zstd(packed, "-d"),
+            "copy_nofsync": lambda: copy_buffered(snap, os.path.join(work, "cp.db")),
         }
         names = list(methods)
         result = {"bench": "floor", "size_mib": args.size_mib, "runs": args.runs, "machine": lib.machine(work),
