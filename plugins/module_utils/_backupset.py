@@ -512,6 +512,55 @@ class _TailHash:
         self._thread.join()
 
 
+class _FileHashes:
+    """sha256 of whole files, one after another, in a helper thread: ``add()`` queues a file and
+    returns at once, so the caller's own pass goes on; ``digests()`` waits for them all. The thread
+    reads each file from the page cache at its own pace, one file at a time, so memory and open
+    files stay bounded however many files a set holds. ``close()`` on every path (a failed run must
+    not remove a file the thread still reads)."""
+
+    def __init__(self):
+        self._queue = queue.Queue()
+        self._keys = set()
+        self._digests = {}
+        self._error = None
+        self._thread = None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def add(self, key: str, path: str) -> None:
+        self._keys.add(key)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        self._queue.put((key, path))
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self._digests[item[0]] = _sha256_file(item[1])
+                except BaseException as exc:  # handed to the caller by digests()
+                    self._error = exc
+
+    def digests(self) -> dict:
+        """{key: sha256} of every file added; raises the first error."""
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self._digests
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+
 class _Flusher:
     """Writes a growing file back to disk in steps of ``every`` bytes while it is written.
 
@@ -877,17 +926,18 @@ def _tar_stream(put, manifest_bytes: bytes, entries: list[dict], workdir: str) -
     member, SHA256SUMS. A large one is computed by a thread reading its staged file from the start,
     at its own pace, while the archive is written: it needs nothing from this stream, so it never
     waits for the stream's write-back steps (nor the stream for it); a small one from the buffers."""
-    hashing = {entry["member"]: _Background(_sha256_file, os.path.join(workdir, entry["staged"]))
-               for entry in entries if entry["type"] in ("database", "file") and entry["size"] > 4 * CHUNK}
+    hashing = _FileHashes()
+    for entry in entries:
+        if entry["type"] in ("database", "file") and entry["size"] > 4 * CHUNK:
+            hashing.add(entry["member"], os.path.join(workdir, entry["staged"]))
     try:
         _emit_members(put, manifest_bytes, entries, workdir, hashing)
     finally:
-        for pending in hashing.values():
-            pending.result_quietly()  # no thread reads a staged file after a failed run removed it
+        hashing.close()
 
 
-def _emit_members(put, manifest_bytes: bytes, entries: list[dict], workdir: str, hashing: dict) -> None:
-    """_tar_stream's blocks; ``hashing``: {member: _Background computing its sha256}."""
+def _emit_members(put, manifest_bytes: bytes, entries: list[dict], workdir: str, hashing: _FileHashes) -> None:
+    """_tar_stream's blocks; the members added to ``hashing`` are hashed there."""
     written = 0
 
     def emit(data):
@@ -932,9 +982,10 @@ def _emit_members(put, manifest_bytes: bytes, entries: list[dict], workdir: str,
                                       mtime=entry.get("mtime"))))
         else:
             emit(_tar_header(_tarinfo(entry["member"], "symlink", target=entry["target"], mode=0o777)))
+    digests = hashing.digests()
     for entry in entries:
-        if entry["member"] in hashing:
-            entry["sha256"] = hashing[entry["member"]].result()
+        if entry["member"] in digests:
+            entry["sha256"] = digests[entry["member"]]
     add_file(CHECKSUMS, "".join(_checksum_line(entry["sha256"], entry["member"])
                                 for entry in entries if entry["type"] in ("database", "file")).encode("utf-8"))
     emit(tarfile.NUL * (tarfile.BLOCKSIZE * 2))
@@ -1249,7 +1300,7 @@ def scan_set(path: str, extract_to: dict | None = None, identity: str | None = N
     and the caller checks the copies. The caller must call ``write_back.wait()`` before it relies
     on any of them.
     """
-    pending = {}  # member: _Background hashing its extracted file
+    pending = _FileHashes()  # the large extracted files
     failure = None
     try:
         manifest, digests, sums = _read_members(path, identity, extract_to=extract_to, on_manifest=on_manifest,
@@ -1259,11 +1310,9 @@ def scan_set(path: str, extract_to: dict | None = None, identity: str | None = N
                 then()
             except RunbookError as exc:  # reported after the checksums: a damaged member explains it
                 failure = exc
-        for member, hashing in pending.items():
-            digests[member] = hashing.result()
+        digests.update(pending.digests())
     finally:
-        for hashing in pending.values():
-            hashing.result_quietly()  # no thread reads a file after its caller removed it
+        pending.close()
     _compare_checksums(path, manifest, digests, sums)
     if failure is not None:
         raise failure
@@ -1271,7 +1320,7 @@ def scan_set(path: str, extract_to: dict | None = None, identity: str | None = N
 
 
 def _read_members(path: str, identity: str | None, *, extract_to: dict | None, on_manifest,
-                  write_back: _WriteBack | None, pending: dict):
+                  write_back: _WriteBack | None, pending: _FileHashes):
     """scan_set's pass over the archive: (manifest, {member: sha256}, SHA256SUMS as a dict or None)."""
     try:
         with _Reader(path, identity) as reader:
@@ -1311,7 +1360,7 @@ def _read_members(path: str, identity: str | None, *, extract_to: dict | None, o
 
 
 def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_manifest,
-                  write_back: _WriteBack | None, pending: dict):
+                  write_back: _WriteBack | None, pending: _FileHashes):
     manifest = sums = None
     expected = {}
     seen = set()
@@ -1384,7 +1433,7 @@ def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_man
                 except OSError:  # only after a failed write, which is already being raised
                     pass
         if digest is None:
-            pending[info.name] = _Background(_sha256_file, target)
+            pending.add(info.name, target)
         else:
             digests[info.name] = digest.hexdigest()
     return manifest, expected, seen, digests, sums

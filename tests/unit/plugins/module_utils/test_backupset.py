@@ -845,6 +845,49 @@ def test_restore_of_many_files_keeps_open_files_bounded(tmp_path):
     assert count(fresh / str(root).lstrip("/") / "app.db") == 100
 
 
+def test_many_large_members_are_hashed_one_at_a_time(tmp_path, monkeypatch):
+    """A large member is hashed from its file by a helper thread, on backup and on restore: one
+    thread for all of them, so threads, open files and buffers stay bounded whatever the count."""
+    monkeypatch.setattr(bs, "CHUNK", 4096)  # "large" (> 4 chunks) from 16 KiB on
+    root = tmp_path / "app"
+    (root / "artifacts").mkdir(parents=True)
+    make_db(root / "app.db", rows=400)
+    for index in range(40):
+        (root / "artifacts" / ("a%02d.bin" % index)).write_bytes(os.urandom(20 * 1024))
+    real = bs._sha256_file
+    seen = {"now": 0, "most": 0, "threads": 0, "calls": 0}
+    lock = threading.Lock()
+
+    def counting(path):
+        with lock:
+            seen["now"] += 1
+            seen["calls"] += 1
+            seen["most"] = max(seen["most"], seen["now"])
+            seen["threads"] = max(seen["threads"], threading.active_count())
+        try:
+            time.sleep(0.002)  # overlapping calls would show
+            return real(path)
+        finally:
+            with lock:
+                seen["now"] -= 1
+
+    monkeypatch.setattr(bs, "_sha256_file", counting)
+    dest = tmp_path / "sets"
+    dest.mkdir()
+    made = bs.backup({"databases": [str(root / "app.db")], "extra_paths": [str(root / "artifacts")],
+                      "root": str(root), "dest": str(dest), "compression": "none"})
+    assert seen["calls"] >= 41 and seen["most"] == 1 and seen["threads"] < 10, seen
+    sums = {m["member"]: m["sha256"] for m in made["manifest"]["members"] if m["type"] == "file"}
+    assert sums["files/artifacts/a07.bin"] == hashlib.sha256((root / "artifacts" / "a07.bin").read_bytes()).hexdigest()
+    seen.update(most=0, threads=0, calls=0)
+    out = bs.restore({"src": str(dest), "dest_root": str(tmp_path / "fresh")})
+    # the sidecar's hash runs beside the extracted files' hashes: two at most
+    assert seen["calls"] >= 42 and seen["most"] <= 2 and seen["threads"] < 12, seen
+    assert len(out["restored"]) == 41
+    restored = tmp_path / "fresh" / str(root).lstrip("/") / "artifacts" / "a39.bin"
+    assert restored.read_bytes() == (root / "artifacts" / "a39.bin").read_bytes()
+
+
 @pytest.mark.parametrize("failing", [("fsync",), ("fdatasync", "fsync")])
 def test_restore_write_back_failure_names_the_target_and_leaves_nothing(backed_up, tmp_path, monkeypatch, failing):
     dest = backed_up[1]
