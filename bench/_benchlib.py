@@ -10,6 +10,7 @@ Figures go to docs/BENCHMARKS.md (bench/render.py), never into tests.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -187,6 +188,72 @@ def floor_set(db: str, out_dir: str, compression: str) -> float:
     os.unlink(scratch)
     fsync_path(final)
     return time.monotonic() - started
+
+
+class Passes:
+    """Each pass a verified set (and its restore) is made of, timed alone on a snapshot of ``db``:
+    the least a set needs is computed from these (render.py, verified_floors). ``names`` in the
+    order of the docs; ``run(name)`` returns seconds. ``output_bytes``: the snapshot and what
+    zstd -1 and -3 make of it (counted once, outside the timed passes)."""
+
+    names = ("backup_api", "quick_check", "sha256", "copy_nofsync", "zstd_1", "zstd_1_t0", "zstd_3", "zstd_3_t0",
+             "zstd_d")
+
+    def __init__(self, db: str, work: str):
+        self.db = db
+        self.work = work
+        self.snap = os.path.join(work, "pass-snapshot.db")
+        self.packed = self.snap + ".zst"
+        snapshot(db, self.snap)
+        subprocess.run(["zstd", "-q", "-1", "--check", "-f", "-o", self.packed, self.snap], check=True)
+        self.output_bytes = {"snapshot": os.path.getsize(self.snap), "zstd_1": os.path.getsize(self.packed),
+                             "zstd_3": len(subprocess.run(["zstd", "-q", "-3", "-c", self.snap], stdout=subprocess.PIPE,
+                                                          check=True).stdout)}
+
+    def run(self, name: str) -> float:
+        scratch = os.path.join(self.work, "pass-scratch.db")
+        actions = {
+            # the one-step backup API into a scratch file (no journal, no fsync), as the engine does
+            "backup_api": lambda: snapshot(self.db, scratch),
+            "quick_check": self._quick_check,
+            "sha256": self._sha256,
+            # through a 1 MiB buffer, no fsync: the fastest a restore has its copy complete (not cp:
+            # its copy_file_range of a file just written is slower here, see floor_set)
+            "copy_nofsync": lambda: self._copy(scratch),
+            "zstd_1": lambda: self._zstd(self.snap, "-1", "-T1"),
+            "zstd_1_t0": lambda: self._zstd(self.snap, "-1", "-T0"),
+            "zstd_3": lambda: self._zstd(self.snap, "-3", "-T1"),
+            "zstd_3_t0": lambda: self._zstd(self.snap, "-3", "-T0"),
+            "zstd_d": lambda: self._zstd(self.packed, "-d"),  # what a restore of a zstd set decodes
+        }
+        started = time.monotonic()
+        actions[name]()
+        seconds = time.monotonic() - started
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+        return seconds
+
+    def _quick_check(self) -> None:
+        conn = sqlite3.connect("file:%s?mode=ro&immutable=1" % self.snap, uri=True)
+        try:
+            if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise SystemExit("quick_check of %s failed" % self.snap)
+        finally:
+            conn.close()
+
+    def _sha256(self) -> None:
+        digest = hashlib.sha256()
+        with open(self.snap, "rb") as handle:
+            for chunk in iter(lambda: handle.read(MIB), b""):
+                digest.update(chunk)
+
+    def _copy(self, target: str) -> None:
+        with open(self.snap, "rb") as source, open(target, "wb") as out:
+            shutil.copyfileobj(source, out, MIB)
+
+    @staticmethod
+    def _zstd(path: str, *flags: str) -> None:
+        subprocess.run(["zstd", "-q", *flags, "-c", path], stdout=subprocess.DEVNULL, check=True)
 
 
 def cp_plain(src: str, dst: str) -> float:

@@ -12,6 +12,10 @@ method side by side (the order rotates each round):
           commits small transactions at --rate per second and records each commit's latency;
           a "baseline" window with no backup gives the writer's own p99
   restore: engine restore (verification included) of the none and zstd sets vs cp+fsync; drill
+  passes:  each pass a verified set and its restore are made of, timed alone on a snapshot of the
+           database (lib.Passes: backup API, quick_check, sha256, a buffered copy, zstd -1/-3 with one
+           thread and with every core, zstd -d); render.py computes the least a verified set needs
+           from these, against this round's cp
 Engines run as `cli()` subprocesses; peak RSS comes from wait4. Prints/writes one JSON object.
 """
 
@@ -210,6 +214,9 @@ def main(argv=None) -> int:
             result["loaded"][name] = []
         for name in ("restore_none", "restore_zstd", "cp_restore", "drill_zstd"):
             result["restore"][name] = []
+        passes = lib.Passes(db, work)
+        result["passes"] = {name: [] for name in passes.names}
+        result["output_bytes"] = passes.output_bytes
         loads = []
         for run in range(args.runs):
             # ---- idle, rotated order
@@ -252,6 +259,12 @@ def main(argv=None) -> int:
                 _clean(scratch)
             for out, _name in keep_sets.values():
                 _clean(out)
+            # ---- each pass alone, rotated
+            shift = run % len(passes.names)
+            for name in passes.names[shift:] + passes.names[:shift]:
+                seconds = passes.run(name)
+                result["passes"][name].append(round(seconds, 4))
+                lib.log("backup %d MiB run %d pass %-13s %.2f s" % (args.size_mib, run + 1, name, seconds))
             # ---- under a steady writer
             ours = [r["seconds"] for r in result["idle"]["engine_none"] if r.get("rc") == 0]
             cli_timeout = min(120.0, max(30.0, 3 * max(ours or [10.0])))

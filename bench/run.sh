@@ -6,7 +6,7 @@
 #   BENCH_RATE        steady writer commits/s during "under load" backups         (default 500)
 #   BENCH_GZIP_MAX_MIB  run compression=gzip up to this size                      (default 256)
 #   BENCH_VACUUM_SIZES_MIB  sizes for the sqlite_vacuum bench                     (default 1024)
-#   BENCH_APP_MIB     database size for the app-under-load, floor and contention benches (default: largest size <= 1024)
+#   BENCH_APP_MIB     database size for the app-under-load and contention benches (default: largest size <= 1024)
 #   BENCH_APP_SECONDS seconds per app phase                                        (default 20)
 #   BENCH_FLEET       0 skips the container fleet bench (default: run it when docker and the lab image are there)
 #   BENCH_FLEET_COUNTS  host counts                                                (default "1 3 6 10")
@@ -76,9 +76,7 @@ for size in $sizes; do
         --dir "$work" --out "$results/backup-$(printf %05d "$size").json" "${keep[@]}"
 done
 
-# references for the targets: each pass of a set alone, and what the disk alone does to the writer
-"$py" bench/bench_floor.py --size-mib "$app_mib" --runs "$runs" --dir "$work" \
-    --out "$results/floor-$(printf %05d "$app_mib").json"
+# a reference for the stall target: what the disk alone does to the writer
 "$py" bench/bench_contention.py --size-mib "$app_mib" --runs "$runs" --rate "$rate" --dir "$work" \
     --out "$results/contention-$(printf %05d "$app_mib").json"
 
