@@ -274,11 +274,11 @@ def main(argv=None) -> int:
         w("- **sqlite3 .backup** — `sqlite3 DB \".backup FILE\"` (step-wise online backup API).")
         w("- **VACUUM INTO** — `sqlite3 DB \"VACUUM INTO 'FILE'\"`.")
         w("- **engine none/zstd/gzip** — `python3 -c '...cli()' backup --config` (the systemd timer's "
-          "command): snapshot (one-step backup API into a scratch copy without journal or fsync), then one "
-          "pass over it: `quick_check` in a thread while the tar stream (+ compression) is written back in "
-          "32 MiB steps and hashed from the same buffers for SHA256SUMS (the last member) and for the sidecar "
-          "(zstd: the compressed stream, also fed to `zstd -t`); fsync; gzip: read-back of every member; "
-          "sidecar. gzip only up to %s." % (
+          "command): snapshot (one-step backup API into a scratch copy without journal or fsync), then, side "
+          "by side: the tar stream (+ compression) written back in 32 MiB steps, `quick_check` of the "
+          "snapshot, its sha256 for SHA256SUMS (the last member) and the set file's sha256 for the sidecar, "
+          "each thread reading the page cache at its own pace (zstd: the relay hashes the compressed stream "
+          "and feeds it to `zstd -t`); fsync; gzip: read-back of every member; sidecar. gzip only up to %s." % (
               "%d MiB" % max([b["size_mib"] for b in backups if b["idle"].get("engine_gzip")] or [0])))
         w("- **under a writer** — a separate process commits one small row per transaction "
           "(`BEGIN IMMEDIATE`/`INSERT`/`COMMIT`, `synchronous=NORMAL`) at %d commits/s and records each "
