@@ -698,21 +698,21 @@ def main(argv=None) -> int:
       "needs, measured in the same run (section 1, \"The least a verified set needs\"): no implementation "
       "can meet it on this machine.")
     w("")
-    w("| target | result |")
-    w("|---|---|")
-    for name, result in targets:
-        w("| %s | %s |" % (name, result))
-    w("")
+
+    def verdicts(head, rows):
+        w("| %s | result |" % head)
+        w("|---|---|")
+        for name, result in rows:
+            w("| %s | %s |" % (name, result))
+        w("")
+
+    verdicts("target", targets)
     if reference:
         w("The same backup and restore targets at the plot's other sizes, for reference: at 64 MiB fixed "
           "costs (starting Python, a handful of fsyncs) dominate, and what happens at 2 GiB is in the notes "
           "below.")
         w("")
-        w("| at another size | result |")
-        w("|---|---|")
-        for name, result in reference:
-            w("| %s | %s |" % (name, result))
-        w("")
+        verdicts("at another size", reference)
     notes = os.path.join(HERE, "NOTES.md")
     if os.path.exists(notes):
         with open(notes, encoding="utf-8") as handle:

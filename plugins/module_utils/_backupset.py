@@ -474,42 +474,33 @@ class _TailHash:
     def __init__(self, fd: int):
         self._fd = fd
         self._done = threading.Event()
-        self._hex = self._error = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._work = _Background(self._hash)
 
-    def _run(self):
+    def _hash(self) -> str:
         digest = hashlib.sha256()
         offset = 0
-        try:
-            while True:
-                last = self._done.is_set()  # read before the size: the size then includes the last write
-                end = os.fstat(self._fd).st_size
-                while offset < end:
-                    chunk = os.pread(self._fd, min(CHUNK, end - offset), offset)
-                    if not chunk:
-                        raise OSError(errno.EIO, "the file shrank while it was hashed")
-                    digest.update(chunk)
-                    offset += len(chunk)
-                if last:
-                    break
-                self._done.wait(FLUSH_POLL / 4)
-            self._hex = digest.hexdigest()
-        except OSError as exc:  # handed to the writer by finish()
-            self._error = exc
+        while True:
+            last = self._done.is_set()  # read before the size: the size then includes the last write
+            end = os.fstat(self._fd).st_size
+            while offset < end:
+                chunk = os.pread(self._fd, min(CHUNK, end - offset), offset)
+                if not chunk:
+                    raise OSError(errno.EIO, "the file shrank while it was hashed")
+                digest.update(chunk)
+                offset += len(chunk)
+            if last:
+                return digest.hexdigest()
+            self._done.wait(FLUSH_POLL / 4)
 
     def finish(self) -> str:
         """The digest of the whole file; raises the OSError that stopped the hashing, if any."""
         self._done.set()
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._hex
+        return self._work.result()
 
     def abort(self) -> None:
         """Stop the thread (the write failed); its result is dropped."""
         self._done.set()
-        self._thread.join()
+        self._work.result_quietly()
 
 
 class _FileHashes:
