@@ -80,14 +80,16 @@ def verified_floors(b):
     seconds = snapshot + the largest of the other three, ratio to the cp + fsync its target is set
     against (the idle cp for a set, the restore round's cp for a restore). Every pass counted is one
     the issue requires (the text rendered with the table says which); C is the copy of the bytes
-    into the file through the page cache, Q quick_check, H sha256 of the database:
+    into the file through the page cache (K: in the kernel, copy_file_range, as a restore copies a
+    member of an uncompressed set), Q quick_check, H sha256 of the database:
 
     set, none:     write = cp + fsync; check = Q (it needs the whole snapshot); cpu = (C + Q + 2 H) / cores
                    (the member's hash and the set file's);
     set, zstd:     write = zstd -1 with every core (compressing it at all); check = Q;
                    cpu = (zstd -1 + Q + H + H x the compressed share) / cores;
-    restore, none: write = cp + fsync; check = C + Q; cpu as for the set;
-    restore, zstd: write = cp + fsync; check = zstd -d + Q; cpu = (zstd -d + C + Q + H + H x share) / cores.
+    restore, none: write = cp + fsync; check = K + Q; cpu = (K + Q + H) / cores (the member's hash:
+                   SHA256SUMS covers the manifest and every member, so the set file is not hashed);
+    restore, zstd: write = cp + fsync; check = zstd -d + Q; cpu = (zstd -d + C + Q + H) / cores.
     """
     fs = {name: med(values) for name, values in (b.get("passes") or {}).items()}
     cp, cp_restore = secs(b["idle"]["cp"]), secs(b["restore"].get("cp_restore", []))
@@ -95,6 +97,7 @@ def verified_floors(b):
         return {}
     cores = (b.get("machine") or {}).get("nproc") or 1
     snap, copy, check, sha = fs["backup_api"], fs["copy_nofsync"], fs["quick_check"], fs["sha256"]
+    kernel_copy = fs.get("copy_range") or copy
     sizes = b.get("output_bytes") or {}
     share = sizes["zstd_1"] / sizes["snapshot"] if sizes.get("zstd_1") and sizes.get("snapshot") else None
     found = {}
@@ -106,14 +109,14 @@ def verified_floors(b):
 
     put("none", cp, snapshot=snap, write=cp, serial=check, cpu=(copy + check + 2 * sha) / cores)
     if cp_restore:
-        put("restore_none", cp_restore, snapshot=0.0, write=cp_restore, serial=copy + check,
-            cpu=(copy + check + 2 * sha) / cores)
+        put("restore_none", cp_restore, snapshot=0.0, write=cp_restore, serial=kernel_copy + check,
+            cpu=(kernel_copy + check + sha) / cores)
     if fs.get("zstd_1") and share:
         put("zstd", cp, snapshot=snap, write=fs.get("zstd_1_t0") or fs["zstd_1"], serial=check,
             cpu=(fs["zstd_1"] + check + sha + sha * share) / cores)
         if fs.get("zstd_d") and cp_restore:
             put("restore_zstd", cp_restore, snapshot=0.0, write=cp_restore, serial=fs["zstd_d"] + check,
-                cpu=(fs["zstd_d"] + copy + check + sha + sha * share) / cores)
+                cpu=(fs["zstd_d"] + copy + check + sha) / cores)
     return found
 
 
@@ -372,6 +375,7 @@ def main(argv=None) -> int:
             for name, label in (("backup_api", "backup API snapshot (no fsync)"),
                                 ("quick_check", "quick_check of the snapshot"), ("sha256", "sha256 of the snapshot"),
                                 ("copy_nofsync", "copy of the snapshot through a 1 MiB buffer, no fsync"),
+                                ("copy_range", "copy of the snapshot in the kernel (copy_file_range), no fsync"),
                                 ("zstd_1", "zstd -1, 1 thread (the engine's default)"),
                                 ("zstd_1_t0", "zstd -1 -T0 (both cores: `compression_threads: 0`)"),
                                 ("zstd_3", "zstd -3, 1 thread"), ("zstd_3_t0", "zstd -3 -T0 (both cores)"),
@@ -405,11 +409,13 @@ def main(argv=None) -> int:
               "`quick_check`, the sha256 of every member (SHA256SUMS) and of the set file (the module returns "
               "it; the `.sha256` sidecar), and the set on disk, which takes the snapshot's bytes copied once "
               "more (SQLite writes a database only at offset 0 of its own file, and a tar header comes first); "
-              "a restore must write the copy, check the set's and the member's sha256 and run `quick_check` on "
-              "the extracted copy before it swaps anything. Each bound is the largest of three: **write** (the "
-              "set, or the restored copy, written and fsynced: at least `cp + fsync`; for zstd, compressing "
-              "it, even with every core), **check** (the check of a copy can only start once the copy is "
-              "complete: the copy through the page cache, or zstd -d, then `quick_check`), **CPU** (all of "
+              "a restore must write the copy, check the sha256 of every member and of the manifest "
+              "(SHA256SUMS covers both from set format 3 on, so the set file itself need not be hashed "
+              "again) and run `quick_check` on the extracted copy before it swaps anything. Each bound is "
+              "the largest of three: **write** (the set, or the restored copy, written and fsynced: at "
+              "least `cp + fsync`; for zstd, compressing it, even with every core), **check** (the check of "
+              "a copy can only start once the copy is complete: the copy through the page cache, in the "
+              "kernel for a restore of a `none` set, or zstd -d, then `quick_check`), **CPU** (all of "
               "that work, the copy included, spread over the %d cores). A backup adds the snapshot in front: "
               "the set is made from it, so nothing of the set can start before it ends. The ratio is to the "
               "`cp + fsync` the target is set against (for a restore, the one timed in the restore round)."
@@ -483,11 +489,12 @@ def main(argv=None) -> int:
         w("## 2. Restore and drill")
         w("")
         w("Restore of the set just written (engine `restore` with `dest_root` into an empty scratch "
-          "directory: a thread hashes the set file for its sidecar from the start; one pass checks the member "
-          "headers and extracts into a temp file; then `quick_check` of the copy while threads hash the copy "
-          "(compared with SHA256SUMS, the set's last member) and fsync it; rename) against `cp` + fsync of the "
-          "database; `drill` (the same checks on a scratch copy, never fsynced, plus row counts; nothing live "
-          "touched). Median seconds.")
+          "directory: one pass checks the member headers against the manifest and extracts into a temp file "
+          "(a member of a `none` set copied in the kernel while a thread hashes the copy; a `zstd` set's "
+          "relayed from `zstd -d` and hashed once complete); then `quick_check` of the copy while threads "
+          "hash it (compared with SHA256SUMS, the set's last member, which covers the manifest too) and fsync "
+          "it; rename) against `cp` + fsync of the database; `drill` (the same checks on a scratch copy, "
+          "never fsynced, plus row counts; nothing live touched). Median seconds.")
         w("")
         w("| size | cp + fsync | restore (none set) | restore (zstd set) | drill (zstd set) | none / cp | zstd / cp |")
         w("|---|---|---|---|---|---|---|")

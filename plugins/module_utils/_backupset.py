@@ -24,6 +24,7 @@ import calendar
 import datetime
 import errno
 import fcntl
+import functools
 import gzip
 import hashlib
 import json
@@ -57,16 +58,19 @@ from ansible_collections.runbook.sqlite_app.plugins.module_utils._sqlite import 
     db_stats,
     _uri_path,
     describe_sqlite_error,
+    map_private_copy,
     require_database,
     run_check,
     sidecar_paths,
     table_row_counts,
 )
 
-FORMAT_VERSION = 2
-READ_FORMATS = (1, 2)  # format 1: member sha256s in the manifest, no SHA256SUMS member
+FORMAT_VERSION = 3
+# format 1: member sha256s in the manifest, no SHA256SUMS member; format 2: SHA256SUMS without the
+# manifest's own line (sets of development builds before format 3)
+READ_FORMATS = (1, 2, 3)
 MANIFEST = "manifest.json"
-CHECKSUMS = "SHA256SUMS"  # the last member of a format 2 set (sha256sum format)
+CHECKSUMS = "SHA256SUMS"  # the last member from format 2 on (sha256sum format)
 LOCK_NAME = ".runbook-backup.lock"
 COMPRESSIONS = ("none", "gzip", "zstd")
 EXTENSIONS = {"none": ".tar", "gzip": ".tar.gz", "zstd": ".tar.zst"}
@@ -399,6 +403,7 @@ def _check_snapshot(path: str, uri: str, check: str) -> dict:
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         try:
+            map_private_copy(conn)
             ok, errors = run_check(conn, check)
         finally:
             conn.close()
@@ -464,33 +469,38 @@ class _HashThread:
         return self._hex
 
 
+def _hash_growing(fd: int, complete: threading.Event, abandoned: threading.Event) -> str | None:
+    """sha256 of the file open at ``fd`` while a writer may still be appending to it: reads what
+    has reached the file (everything below its size) from the page cache at its own pace, until
+    ``complete`` is set and it has read to the end. The writer hands it nothing and never waits
+    for it, so the hashing goes on while the writer waits for the disk (a queue of the writer's
+    buffers stalls as soon as the writer stops). None once ``abandoned`` is set (the write failed)."""
+    digest = hashlib.sha256()
+    offset = 0
+    while True:
+        last = complete.is_set()  # read before the size: the size then includes the last write
+        end = os.fstat(fd).st_size
+        while offset < end:
+            if abandoned.is_set():
+                return None
+            chunk = os.pread(fd, min(CHUNK, end - offset), offset)
+            if not chunk:
+                raise OSError(errno.EIO, "the file shrank while it was hashed")
+            digest.update(chunk)
+            offset += len(chunk)
+        if last:
+            return digest.hexdigest()
+        complete.wait(FLUSH_POLL / 4)
+
+
 class _TailHash:
-    """sha256 of a file this process is appending to (``fd``, opened for reading too), by a thread
-    that reads what has reached the file (everything below its size) from the page cache at its own
-    pace. The writer hands it nothing and never waits for it, so the hashing goes on while the
-    writer waits for its write-back steps (a queue of the writer's buffers would stall as soon as
-    the writer stops for the disk). ``finish()`` after the writer's last flush."""
+    """sha256 of a file this process is appending to (``fd``, opened for reading too), by a
+    thread (see _hash_growing). ``finish()`` after the writer's last flush."""
 
     def __init__(self, fd: int):
-        self._fd = fd
         self._done = threading.Event()
-        self._work = _Background(self._hash)
-
-    def _hash(self) -> str:
-        digest = hashlib.sha256()
-        offset = 0
-        while True:
-            last = self._done.is_set()  # read before the size: the size then includes the last write
-            end = os.fstat(self._fd).st_size
-            while offset < end:
-                chunk = os.pread(self._fd, min(CHUNK, end - offset), offset)
-                if not chunk:
-                    raise OSError(errno.EIO, "the file shrank while it was hashed")
-                digest.update(chunk)
-                offset += len(chunk)
-            if last:
-                return digest.hexdigest()
-            self._done.wait(FLUSH_POLL / 4)
+        self._abandoned = threading.Event()
+        self._work = _Background(_hash_growing, fd, self._done, self._abandoned)
 
     def finish(self) -> str:
         """The digest of the whole file; raises the OSError that stopped the hashing, if any."""
@@ -499,6 +509,7 @@ class _TailHash:
 
     def abort(self) -> None:
         """Stop the thread (the write failed); its result is dropped."""
+        self._abandoned.set()
         self._done.set()
         self._work.result_quietly()
 
@@ -507,45 +518,64 @@ class _FileHashes:
     """sha256 of whole files, one after another, in a helper thread: ``add()`` queues a file and
     returns at once, so the caller's own pass goes on; ``digests()`` waits for them all. The thread
     reads each file from the page cache at its own pace, one file at a time, so memory and open
-    files stay bounded however many files a set holds. ``close()`` on every path (a failed run must
-    not remove a file the thread still reads)."""
+    files stay bounded however many files a set holds. A file added as ``growing`` (restore adds
+    each large file as it starts extracting it) is followed while it is written, until
+    ``complete(key)``. ``close()`` on every path: after a failure it stops at once (a failed run
+    must not remove a file the thread still reads, nor wait for a whole hash it will drop)."""
 
     def __init__(self):
         self._queue = queue.Queue()
-        self._keys = set()
+        self._complete = {}
+        self._abandoned = threading.Event()
         self._digests = {}
         self._error = None
         self._thread = None
 
     def __contains__(self, key: str) -> bool:
-        return key in self._keys
+        return key in self._complete
 
-    def add(self, key: str, path: str) -> None:
-        self._keys.add(key)
+    def add(self, key: str, path: str, growing: bool = False) -> None:
+        self._complete[key] = complete = threading.Event()
+        if not growing:
+            complete.set()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
-        self._queue.put((key, path))
+        self._queue.put((key, path, complete))
+
+    def complete(self, key: str) -> None:
+        """The growing file ``key`` has all its bytes."""
+        self._complete[key].set()
 
     def _run(self):
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            if self._error is None:
+            key, path, complete = item
+            if self._error is None and not self._abandoned.is_set():
                 try:
-                    self._digests[item[0]] = _sha256_file(item[1])
-                except BaseException as exc:  # handed to the caller by digests()
+                    with open(path, "rb") as handle:
+                        self._digests[key] = _hash_growing(handle.fileno(), complete, self._abandoned)
+                except OSError as exc:  # handed to the caller by digests()
+                    self._error = RunbookError("%s: cannot read: %s" % (path, describe_oserror(exc)))
+                except BaseException as exc:  # likewise
                     self._error = exc
 
     def digests(self) -> dict:
-        """{key: sha256} of every file added; raises the first error."""
-        self.close()
+        """{key: sha256} of every file added (every growing one completed); raises the first error."""
+        self._join()
         if self._error is not None:
             raise self._error
         return self._digests
 
     def close(self) -> None:
+        self._abandoned.set()
+        for complete in self._complete.values():
+            complete.set()
+        self._join()
+
+    def _join(self) -> None:
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
@@ -977,8 +1007,10 @@ def _emit_members(put, manifest_bytes: bytes, entries: list[dict], workdir: str,
     for entry in entries:
         if entry["member"] in digests:
             entry["sha256"] = digests[entry["member"]]
-    add_file(CHECKSUMS, "".join(_checksum_line(entry["sha256"], entry["member"])
-                                for entry in entries if entry["type"] in ("database", "file")).encode("utf-8"))
+    lines = [_checksum_line(hashlib.sha256(manifest_bytes).hexdigest(), MANIFEST)]
+    lines += [_checksum_line(entry["sha256"], entry["member"])
+              for entry in entries if entry["type"] in ("database", "file")]
+    add_file(CHECKSUMS, "".join(lines).encode("utf-8"))
     emit(tarfile.NUL * (tarfile.BLOCKSIZE * 2))
     if written % tarfile.RECORDSIZE:
         emit(tarfile.NUL * (tarfile.RECORDSIZE - written % tarfile.RECORDSIZE))
@@ -1271,15 +1303,18 @@ def _safe_member(info: tarfile.TarInfo, path: str) -> None:
 
 def scan_set(path: str, extract_to: dict | None = None, identity: str | None = None, *, on_manifest=None,
              write_back: _WriteBack | None = None, then=None) -> dict:
-    """Read a set once: check every member header, hash every file member and compare it with the
-    set's checksums (SHA256SUMS, its last member; in a format 1 set, the manifest).
+    """Read a set once: check every member header, hash every file member (and from format 3 on the
+    manifest) and compare it with the set's checksums (SHA256SUMS, its last member; in a format 1
+    set, the manifest).
 
     With ``extract_to`` ({member: target file path}) the named regular members are written to
     those paths. ``on_manifest(manifest)``, called as soon as the manifest (the first member) is
     read, may return such a mapping instead: restore plans its targets from the manifest and
     extracts in the same pass. A large extracted file is written as fast as the page cache takes it
-    and hashed afterwards, from the file, in a thread of its own; ``then()``, if given, runs as soon
-    as every member is read, while those hashes are still being computed (restore and drill pass
+    (from an uncompressed set, copied in the kernel) and hashed from the file by a helper thread:
+    a copied one while it is copied, a decompressed one once it is complete (see _scan_members);
+    ``then()``, if given, runs as soon as every member is read, while those hashes may still be
+    computed (restore and drill pass
     their SQLite check of the extracted copies, which so need not wait for the hashes). A member
     that does not match its sha256 is reported before a failure of ``then()``. Extracted files are
     only candidates until the scan returns; the caller owns them. ``identity`` is the age identity
@@ -1361,7 +1396,9 @@ def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_man
         if index == 0:
             if info.name != MANIFEST or not info.isfile() or info.size > 64 * 1024 * 1024:
                 raise RunbookError("%s: not a backup set (first member is not %s)" % (path, MANIFEST))
-            manifest = _load_manifest(path, reader.tar.extractfile(info).read())
+            data = reader.tar.extractfile(info).read()
+            manifest = _load_manifest(path, data)
+            digests[MANIFEST] = hashlib.sha256(data).hexdigest()
             expected = {m["member"]: m for m in manifest["members"]}
             if on_manifest is not None:
                 extract_to = on_manifest(manifest) or extract_to
@@ -1383,7 +1420,6 @@ def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_man
         if info.size != entry.get("size"):
             raise RunbookError("%s: member %s does not match its size in the manifest (damaged set)"
                                % (path, info.name))
-        handle = reader.tar.extractfile(info)
         out = flusher = None
         target = extract_to.get(info.name) if extract_to else None
         if target:
@@ -1392,17 +1428,28 @@ def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_man
                 # written back by a thread while we extract; never throttled: the application
                 # is stopped during a restore, and the extraction runs ahead of the disk
                 flusher = _Flusher(out.fileno())
-        # a large extracted file is hashed from the file once it is complete (see scan_set); any
-        # other member as it is read, a large one on the other core
-        if info.size <= 4 * CHUNK:
+        # a large extracted file is hashed from the file by a helper thread (see scan_set): one
+        # copied from an uncompressed set while it is copied, in the kernel, at the speed of the
+        # page cache; a decompressed one once it is complete (hashing it while zstd decodes would
+        # take the core that zstd, and so the check waiting for the copy, needs). Any other member
+        # is hashed as it is read, a large one on the other core.
+        large = info.size > 4 * CHUNK
+        copying = bool(large and target and reader.compression == "none")
+        if not large:
             digest = hashlib.sha256()
+        elif target:
+            digest = None
+            if copying:
+                pending.add(info.name, target, growing=True)
         else:
-            digest = None if target else _HashThread()
+            digest = _HashThread()
         try:
-            while True:
-                chunk = handle.read(CHUNK)
-                if not chunk:
-                    break
+            if copying and _copy_range(reader.raw.fileno(), info.offset_data, info.size, out,
+                                       target=target, member=info.name):
+                chunks = ()
+            else:
+                chunks = iter(functools.partial(reader.tar.extractfile(info).read, CHUNK), b"")
+            for chunk in chunks:
                 if digest is not None:
                     digest.update(chunk)
                 if out is not None:
@@ -1411,7 +1458,9 @@ def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_man
                 write_back.add(target, out, flusher)
                 out = flusher = None
         finally:
-            if digest is not None:
+            if copying:
+                pending.complete(info.name)
+            elif digest is not None:
                 digest.hexdigest()  # joins the hash thread on every path
             if flusher is not None:
                 try:
@@ -1423,20 +1472,52 @@ def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_man
                     out.close()
                 except OSError:  # only after a failed write, which is already being raised
                     pass
-        if digest is None:
-            pending.add(info.name, target)
-        else:
+        if digest is not None:
             digests[info.name] = digest.hexdigest()
+        elif not copying:
+            pending.add(info.name, target)
     return manifest, expected, seen, digests, sums
 
 
+def _copy_range(source: int, offset: int, size: int, out, *, target: str, member: str) -> bool:
+    """Copy a member of an uncompressed set (``size`` bytes at ``offset`` of the set's fd) into
+    ``out`` inside the kernel (copy_file_range): one copy from page cache to page cache, none
+    through our buffers and no Python per MiB (docs/BENCHMARKS.md times it against a buffered copy,
+    "Each pass alone"). False, with nothing copied, where the kernel cannot (another filesystem on a
+    kernel before 5.19, or no such call): the caller then reads and writes. ENOSPC is raised as
+    scan_set reports it."""
+    copy = getattr(os, "copy_file_range", None)
+    if copy is None:
+        return False
+    done = 0
+    while done < size:
+        try:
+            count = copy(source, out.fileno(), min(8 * CHUNK, size - done), offset + done)
+        except OSError as exc:
+            if done == 0 and exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                return False
+            if exc.errno == errno.ENOSPC:
+                raise
+            raise RunbookError("%s (extracting %s): cannot copy: %s"
+                               % (target, member, describe_oserror(exc))) from None
+        if count == 0:
+            raise EOFError("unexpected end of data in member %s" % member)
+        done += count
+    return True
+
+
 def _compare_checksums(path: str, manifest: dict, digests: dict, sums: dict | None) -> None:
-    """Every file member's sha256 against the set's checksums; then they go into the manifest."""
+    """Every file member's sha256 (and from format 3 on the manifest's) against the set's
+    checksums; then they go into the manifest."""
     if sums is None:  # format 1: in the manifest
         sums = {m["member"]: m.get("sha256") for m in manifest["members"] if m["type"] in ("database", "file")}
         where = "the manifest"
     else:
         where = CHECKSUMS
+    if manifest["format"] >= 3 and MANIFEST not in sums:
+        raise RunbookError("%s: damaged set: %s does not list %s" % (path, CHECKSUMS, MANIFEST))
+    if MANIFEST not in sums:  # formats 1 and 2: the manifest is covered by the sidecar's hash alone
+        digests = {member: digest for member, digest in digests.items() if member != MANIFEST}
     for member, digest in digests.items():
         if sums.get(member) != digest:
             raise RunbookError("%s: member %s does not match its sha256 in %s (damaged set)" % (path, member, where))
@@ -1545,27 +1626,38 @@ def _require_sidecar_match(set_path: str, actual: str, expected: str) -> None:
 
 def verify_set(set_path: str, identity: str | None = None, on_manifest=None, then=None,
                write_back: _WriteBack | None = None) -> dict:
-    """sha256 of the set against its sidecar, and every member against the set's checksums (an
-    encrypted set is decrypted with the age ``identity`` file on the way); ``on_manifest``
-    extracts while it scans and ``then()`` checks the extracted copies (see scan_set);
-    ``write_back``: see scan_set.
+    """Every member of the set and its manifest against the set's checksums (an encrypted set is
+    decrypted with the age ``identity`` file on the way); ``on_manifest`` extracts while it scans
+    and ``then()`` checks the extracted copies (see scan_set); ``write_back``: see scan_set.
 
-    The sidecar hash is a second read of the whole set file, in a thread from the start: while
-    the set is extracted, while the extracted files are hashed and while ``then()`` runs, there is
-    always a core that one of them leaves idle. Whatever the scan or ``then()`` finds, a sidecar
-    mismatch is reported first.
+    The set needs its sidecar (a set without one was never published), but from format 3 on the
+    whole file is not hashed against it: SHA256SUMS then covers every byte that is used (the
+    manifest and each file; a header must match the manifest, and a member whose header does not
+    is refused), so that hash, a second sha256 of every byte of an uncompressed set, would check
+    nothing more. In a set of format 1 or 2 the manifest is covered by the sidecar alone: its
+    hash runs in a thread from the moment the manifest is read, beside the scan, and a sidecar
+    mismatch is reported before whatever the scan or ``then()`` finds.
     """
     expected = read_sidecar(set_path)
-    hashed = _Background(_sha256_file, set_path)
+    hashed = []
+
+    def planned(manifest):
+        if manifest["format"] < 3:
+            hashed.append(_Background(_sha256_file, set_path))
+        return on_manifest(manifest) if on_manifest is not None else None
+
     try:
-        manifest = scan_set(set_path, identity=identity, on_manifest=on_manifest, write_back=write_back, then=then)
+        manifest = scan_set(set_path, identity=identity, on_manifest=planned, write_back=write_back, then=then)
     except RunbookError:
-        _require_sidecar_match(set_path, hashed.result(), expected)
+        for work in hashed:
+            _require_sidecar_match(set_path, work.result(), expected)
         raise
     except BaseException:
-        hashed.result_quietly()
+        for work in hashed:
+            work.result_quietly()
         raise
-    _require_sidecar_match(set_path, hashed.result(), expected)
+    for work in hashed:
+        _require_sidecar_match(set_path, work.result(), expected)
     return manifest
 
 
@@ -2052,7 +2144,7 @@ def _restore_locked(opts: dict, check_mode: bool) -> dict:
     try:
         # one pass: the manifest (first member) gives the plan, the planned members are extracted
         # into temp files; then the SQLite check of each extracted database, side by side with the
-        # extracted files' hashes and write-back (the sidecar hash runs from the start); the set's
+        # extracted files' hashes and write-back (see verify_set for the sidecar); the set's
         # checksums (its last member) settle what already matched; nothing live is touched before
         # all of it has passed
         manifest = verify_set(set_path, identity=opts["identity_file"], on_manifest=job.prepare,
@@ -2306,6 +2398,7 @@ def _check_extracted(temp: str, target: str, opts: dict) -> None:
     try:
         conn = sqlite3.connect("file:%s?mode=rw" % temp, uri=True, isolation_level=None)
         try:
+            map_private_copy(conn)
             ok, errors = run_check(conn, opts["check"])
         finally:
             conn.close()
@@ -2411,6 +2504,7 @@ def _drill(set_path: str, opts: dict, check_mode: bool) -> dict:
             try:
                 conn = connect(temp, busy_timeout_ms=opts["busy_timeout"])
                 try:
+                    map_private_copy(conn)
                     ok, errors = run_check(conn, opts["check"])
                     result["row_counts"][name] = table_row_counts(conn) if ok else {}
                 finally:
@@ -2424,7 +2518,7 @@ def _drill(set_path: str, opts: dict, check_mode: bool) -> dict:
             result["drilled"].append(name)
 
     try:
-        # the copies are checked side by side with the sidecar hash (see verify_set)
+        # the copies are checked side by side with their hashes (see scan_set)
         result["manifest"] = verify_set(set_path, identity=opts["identity_file"], on_manifest=prepare,
                                         then=check_copies)
     finally:

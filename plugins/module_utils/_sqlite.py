@@ -23,6 +23,10 @@ CHECKS = ("quick_check", "integrity_check", "none")
 # How many error rows a failed check reports; a damaged database can yield thousands.
 MAX_CHECK_ERRORS = 20
 
+# mmap_size asked for on a private copy (SQLite caps it at its compile-time limit, 2 GiB by default;
+# pages beyond the mapping are read as usual)
+PRIVATE_MMAP_SIZE = 1 << 40
+
 
 def is_sqlite_file(path: str) -> bool:
     """True when ``path`` starts with the SQLite header (an empty file is not a database)."""
@@ -82,6 +86,15 @@ def describe_sqlite_error(path: str, exc: sqlite3.Error, busy_timeout_ms: int | 
     if "malformed" in text or "not a database" in text:
         return "%s: database is damaged: %s" % (path, text)
     return "%s: %s" % (path, text)
+
+
+def map_private_copy(conn: sqlite3.Connection) -> None:
+    """Let SQLite read a private copy (a snapshot, an extracted or drilled file) through mmap: a
+    check then makes no read() call per page (quick_check of a 1 GiB copy, measured: 0.80 s with
+    0.35 s of system time, 0.62 s with 0.02 s mapped). Only for a finished file that nothing else
+    opens: a file truncated under a mapping would fault the process, and a live database's reader
+    could meet that."""
+    conn.execute("PRAGMA mmap_size = %d" % PRIVATE_MMAP_SIZE)
 
 
 def run_check(conn: sqlite3.Connection, kind: str = "quick_check") -> tuple[bool, list[str]]:

@@ -15,7 +15,7 @@ description:
     writing (one-step SQLite backup API inside a read transaction; never a plain file copy), runs
     C(PRAGMA quick_check) or C(PRAGMA integrity_check) on every copy, and writes ONE tar file per run
     holding C(manifest.json), the databases, the O(extra_paths) and, last, C(SHA256SUMS) (the sha256 of
-    every file in it, computed while it is written).
+    every file in it, the manifest included, computed while it is written).
   - The set is named C(<name_prefix>-<YYYYmmddTHHMMSSZ>[-<label>].tar[.gz|.zst]) and comes with a
     C(<set>.sha256) file in C(sha256sum) format. A set that fails verification is never published.
   - Then applies retention (O(keep_last), O(keep_days), O(keep_daily), O(keep_weekly), O(keep_monthly));

@@ -14,9 +14,11 @@ description:
   - Picks a set in O(src) (the newest verified one, one before a point in time, one with a label, or a named one),
     refuses unsafe archive members (absolute paths, C(..), links pointing outside, hard links, devices), and
     extracts each file into a temp directory next to its destination.
-  - Then runs the SQLite check on every extracted database, verifies every member's sha256 against the set's
-    C(SHA256SUMS) (the manifest, in sets of format 1) and the set file's sha256 against its C(.sha256) file,
-    and makes the extracted files durable (fsync), side by side. Only when all of that passed
+  - Then runs the SQLite check on every extracted database, verifies the sha256 of every member and of the
+    manifest against the set's C(SHA256SUMS), and makes the extracted files durable (fsync), side by side.
+    The set needs its C(.sha256) file, but the whole set file is hashed against it only for sets of format 1
+    and 2 (written by earlier versions), whose C(SHA256SUMS) does not cover the manifest; O(mode=select)
+    checks it. Only when all of that passed
     does it keep a safety copy of what is replaced, remove stale C(-wal)/C(-shm)/C(-journal) files and rename
     the new file into place, keeping the replaced file's owner and mode.
   - O(mode=drill) restores into a scratch directory, checks each database, reports row counts per table
@@ -200,7 +202,8 @@ set_path:
   type: str
 verified:
   description:
-    - True when the set's sha256 and every member's sha256 matched.
+    - True when the sha256 of every member and of the manifest matched the set's C(SHA256SUMS) (and, for a
+      set of format 1 or 2, the set file's sha256 its C(.sha256) file).
     - False for O(mode=select), which reads no member.
   returned: always
   type: bool

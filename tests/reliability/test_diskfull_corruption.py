@@ -121,7 +121,7 @@ def _damage(kind, path, sets_dir):
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd", "gzip"])
-@pytest.mark.parametrize("kind", ["truncated", "bit_flipped", "wrong_checksum", "bit_flipped_bad_sidecar"])
+@pytest.mark.parametrize("kind", ["truncated", "bit_flipped", "bit_flipped_bad_sidecar"])
 def test_damaged_set_refused_before_touching_live(tmp_path, compression, kind):
     app, sets = tmp_path / "app", tmp_path / "sets"
     app.mkdir()
@@ -140,6 +140,27 @@ def test_damaged_set_refused_before_touching_live(tmp_path, compression, kind):
     assert helpers.temps(app) == []
     assert not [n for n in os.listdir(app) if "pre-restore" in n]
     helpers.record("corruption.sets", faults=1, refused=1, live_db_changed=0)
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd", "gzip"])
+def test_wrong_sidecar_beside_an_intact_set(tmp_path, compression):
+    """Restore checks every byte it uses against SHA256SUMS (the manifest included), not the set
+    file against its sidecar: an intact set whose sidecar is wrong still restores, exactly what was
+    backed up; select mode, which checks the sidecar and nothing else, refuses it."""
+    app, sets = tmp_path / "app", tmp_path / "sets"
+    app.mkdir()
+    sets.mkdir()
+    db = helpers.make_db(app / "app.db", mib=0.5, seed=3)
+    made = bs.backup({"databases": [db], "dest": str(sets), "compression": compression})
+    os.unlink(db)
+    helpers.make_db(db, mib=0.2, seed=4)
+    name = _damage("wrong_checksum", made["path"], str(sets))
+    with pytest.raises(RunbookError, match="sha256 mismatch"):
+        bs.restore({"src": str(sets), "set": name, "mode": "select"})
+    out = bs.restore({"src": str(sets), "set": name, "force": True})
+    assert out["verified"] is True and out["restored"] == [db]
+    assert helpers.sha256(db) == made["databases"][0]["sha256"]  # the snapshot the set was made of
+    helpers.record("corruption.sets", wrong_sidecar_intact_restored=1)
 
 
 def _corrupt_db(path):

@@ -99,7 +99,8 @@ def fake_set(dest, when, prefix="backup", verified=True, ext=".tar.gz"):
 
 def write_set(path, members, sidecar=True, fmt=bs.FORMAT_VERSION):
     """Craft a set: members is a list of (TarInfo, bytes or None); manifest built from the files,
-    their sha256s in a last SHA256SUMS member (format 2) or in the manifest (format 1)."""
+    their sha256s in a last SHA256SUMS member (formats 2 and 3; from 3 on, with the manifest's) or in
+    the manifest (format 1)."""
     manifest = {"format": fmt, "members": [], "databases": []}
     sums = ""
     for info, data in members:
@@ -112,6 +113,8 @@ def write_set(path, members, sidecar=True, fmt=bs.FORMAT_VERSION):
                 sums += "%s  %s\n" % (hashlib.sha256(data).hexdigest(), info.name)
         manifest["members"].append(entry)
     raw = json.dumps(manifest).encode()
+    if fmt >= 3:
+        sums = "%s  %s\n" % (hashlib.sha256(raw).hexdigest(), bs.MANIFEST) + sums
     with tarfile.open(str(path), "w") as tar:
         info = tarfile.TarInfo(bs.MANIFEST)
         info.size = len(raw)
@@ -144,7 +147,8 @@ def test_backup_writes_one_verified_set_with_manifest(app):
     assert out.returncode == 0, out.stdout + out.stderr
     with tarfile.open(result["path"]) as tar:
         names = tar.getnames()
-        manifest = json.load(tar.extractfile(bs.MANIFEST))
+        manifest_bytes = tar.extractfile(bs.MANIFEST).read()
+        manifest = json.loads(manifest_bytes)
         sums = tar.extractfile(bs.CHECKSUMS).read().decode()
     assert names[0] == "manifest.json" and names[-1] == "SHA256SUMS"
     assert "databases/app.db" in names and "databases/tokens.db" in names
@@ -166,7 +170,9 @@ def test_backup_writes_one_verified_set_with_manifest(app):
     assert "sha256" not in env and manifest["checksums"] == "SHA256SUMS"
     env_sum = "%s  files/.env\n" % hashlib.sha256(b"API_KEY=secret\n").hexdigest()
     assert env_sum in sums
-    assert sorted(line.split("  ", 1)[1] for line in sums.splitlines()) == sorted(
+    # SHA256SUMS covers every file of the set, the manifest first
+    assert sums.splitlines()[0] == "%s  manifest.json" % hashlib.sha256(manifest_bytes).hexdigest()
+    assert sorted(line.split("  ", 1)[1] for line in sums.splitlines()[1:]) == sorted(
         m["member"] for m in manifest["members"] if m["type"] in ("database", "file"))
     # the manifest returned to the caller carries them
     returned = [m for m in result["manifest"]["members"] if m["member"] == "files/.env"][0]
@@ -854,11 +860,11 @@ def test_many_large_members_are_hashed_one_at_a_time(tmp_path, monkeypatch):
     make_db(root / "app.db", rows=400)
     for index in range(40):
         (root / "artifacts" / ("a%02d.bin" % index)).write_bytes(os.urandom(20 * 1024))
-    real = bs._sha256_file
+    real = bs._hash_growing
     seen = {"now": 0, "most": 0, "threads": 0, "calls": 0}
     lock = threading.Lock()
 
-    def counting(path):
+    def counting(*args):
         with lock:
             seen["now"] += 1
             seen["calls"] += 1
@@ -866,26 +872,118 @@ def test_many_large_members_are_hashed_one_at_a_time(tmp_path, monkeypatch):
             seen["threads"] = max(seen["threads"], threading.active_count())
         try:
             time.sleep(0.002)  # overlapping calls would show
-            return real(path)
+            return real(*args)
         finally:
             with lock:
                 seen["now"] -= 1
 
-    monkeypatch.setattr(bs, "_sha256_file", counting)
+    monkeypatch.setattr(bs, "_hash_growing", counting)
     dest = tmp_path / "sets"
     dest.mkdir()
     made = bs.backup({"databases": [str(root / "app.db")], "extra_paths": [str(root / "artifacts")],
                       "root": str(root), "dest": str(dest), "compression": "none"})
-    assert seen["calls"] >= 41 and seen["most"] == 1 and seen["threads"] < 10, seen
+    # the member files in turn, beside the set file's own hash (its sidecar): two at most
+    assert seen["calls"] >= 42 and seen["most"] <= 2 and seen["threads"] < 10, seen
     sums = {m["member"]: m["sha256"] for m in made["manifest"]["members"] if m["type"] == "file"}
     assert sums["files/artifacts/a07.bin"] == hashlib.sha256((root / "artifacts" / "a07.bin").read_bytes()).hexdigest()
     seen.update(most=0, threads=0, calls=0)
     out = bs.restore({"src": str(dest), "dest_root": str(tmp_path / "fresh")})
-    # the sidecar's hash runs beside the extracted files' hashes: two at most
-    assert seen["calls"] >= 42 and seen["most"] <= 2 and seen["threads"] < 12, seen
+    # each extracted file in turn, followed while it is copied
+    assert seen["calls"] >= 41 and seen["most"] == 1 and seen["threads"] < 12, seen
     assert len(out["restored"]) == 41
     restored = tmp_path / "fresh" / str(root).lstrip("/") / "artifacts" / "a39.bin"
     assert restored.read_bytes() == (root / "artifacts" / "a39.bin").read_bytes()
+
+
+def test_file_hashes_follow_a_growing_file_and_stop_when_abandoned(tmp_path):
+    """A file added as growing is hashed while it is written, to its last byte once completed; a
+    closed (failed) run stops following at once and computes nothing more."""
+    path = tmp_path / "growing"
+    path.write_bytes(b"")
+    hashes = bs._FileHashes()
+    hashes.add("grown", str(path), growing=True)
+    written = b""
+    with open(str(path), "ab") as out:
+        for step in range(20):
+            piece = os.urandom(7000 + step)
+            out.write(piece)
+            out.flush()
+            written += piece
+            time.sleep(0.002)  # the thread catches up and waits for more
+    hashes.complete("grown")
+    assert hashes.digests() == {"grown": hashlib.sha256(written).hexdigest()}
+    hashes.close()
+    stopped = bs._FileHashes()
+    stopped.add("never", str(path), growing=True)  # never completed: only close() ends it
+    stopped.close()
+    with pytest.raises(KeyError):
+        stopped.complete("other")
+    assert stopped.digests().get("never") is None  # abandoned: no digest, and no error
+
+
+@pytest.mark.parametrize("kernel", ["copies", "refuses", "absent"])
+def test_restore_copies_large_members_of_an_uncompressed_set_in_the_kernel(app, tmp_path, monkeypatch, kernel):
+    """A large member of an uncompressed set is copied with copy_file_range (and hashed from the
+    copy as it grows); where the kernel refuses the call (EXDEV: another filesystem, on a kernel
+    before 5.19) or Python lacks it, the restore reads and writes instead, with the same checks."""
+    monkeypatch.setattr(bs, "CHUNK", 4096)  # "large" from 16 KiB on; copied 32 KiB per call
+    root, dest = app
+    make_db(root / "app.db", rows=5000)
+    made = bs.backup(params(root, dest, compression="none"))
+    real = getattr(os, "copy_file_range", None)
+    if real is None and kernel != "absent":
+        pytest.skip("os.copy_file_range is not available here")
+    calls = []
+
+    def kernel_copy(src, dst, size, offset_src=None):
+        calls.append(size)
+        if kernel == "refuses":
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst, size, offset_src)
+
+    if kernel == "absent":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    else:
+        monkeypatch.setattr(os, "copy_file_range", kernel_copy)
+    fresh = tmp_path / "fresh"
+    out = bs.restore({"src": str(dest), "dest_root": str(fresh)})
+    restored = fresh / str(root / "app.db").lstrip("/")
+    assert count(restored) == 5050
+    expected = [db["sha256"] for db in made["databases"] if db["member"] == "databases/app.db"][0]
+    assert hashlib.sha256(restored.read_bytes()).hexdigest() == expected
+    assert [db["sha256"] for db in out["manifest"]["databases"] if db["member"] == "databases/app.db"] == [expected]
+    if kernel == "copies":
+        assert len(calls) > 2  # the whole member, in steps, and nothing else (small members are read)
+    else:
+        assert len(calls) == (1 if kernel == "refuses" else 0)
+
+
+@pytest.mark.parametrize("code, expected", [
+    (errno.EIO, r"(?i)\(extracting databases/app\.db\): cannot copy: .*input/output error"),
+    (errno.ENOSPC, "extraction failed: no space left on device"),
+])
+def test_restore_kernel_copy_failure_is_named_and_changes_nothing(app, tmp_path, monkeypatch, code, expected):
+    if not hasattr(os, "copy_file_range"):
+        pytest.skip("os.copy_file_range is not available here")
+    monkeypatch.setattr(bs, "CHUNK", 4096)
+    root, dest = app
+    make_db(root / "app.db", rows=5000)
+    bs.backup(params(root, dest, compression="none"))
+    real = os.copy_file_range
+    calls = []
+
+    def failing(src, dst, size, offset_src=None):
+        calls.append(size)
+        if len(calls) > 1:  # after a first step was copied: no falling back to read and write then
+            raise OSError(code, os.strerror(code))
+        return real(src, dst, size, offset_src)
+
+    monkeypatch.setattr(os, "copy_file_range", failing)
+    before = (root / "app.db").read_bytes()
+    with pytest.raises(RunbookError, match=expected):
+        bs.restore({"src": str(dest), "force": True})
+    assert (root / "app.db").read_bytes() == before
+    assert not [n for n in listing(root) if n.startswith(".runbook-tmp-") or ".pre-restore-" in n]
 
 
 @pytest.mark.parametrize("failing", [("fsync",), ("fdatasync", "fsync")])
@@ -989,14 +1087,50 @@ def test_select_mode_chooses_and_checks_the_sidecar_only(tmp_path, app, monkeypa
 # bad sets
 
 
-def test_wrong_checksum(backed_up, tmp_path):
-    root, dest, result = backed_up
-    sidecar = dest / (result["name"] + ".sha256")
-    sidecar.write_text("%s  %s\n" % ("a" * 64, result["name"]))
-    before = (root / "app.db").read_bytes()
+def test_wrong_sidecar_refuses_a_format_2_set(tmp_path):
+    """In a format 2 set the sidecar's hash is the only check of the manifest: restore hashes it."""
+    members = [(_info("files/a.txt", size=1), b"a")]
+    path = tmp_path / "backup-20260101T000000Z.tar"
+    _write_raw_set(path, _v2_manifest(members), members, bs.CHECKSUMS, _sums(members))
+    assert bs.verify_set(str(path))["members"][0]["sha256"] == hashlib.sha256(b"a").hexdigest()
+    (tmp_path / (path.name + ".sha256")).write_text("%s  %s\n" % ("a" * 64, path.name))
     with pytest.raises(RunbookError, match="sha256 mismatch"):
-        bs.restore({"src": str(dest), "force": True})
-    assert (root / "app.db").read_bytes() == before
+        bs.restore({"src": str(tmp_path), "dest_root": str(tmp_path / "fresh")})
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_format_3_manifest_is_checked_against_sha256sums(app, tmp_path):
+    """From format 3 on SHA256SUMS covers the manifest too: a manifest changed after the fact (still
+    valid JSON, another target path) is refused before anything is extracted or replaced, with the
+    sidecar made to match; and the sidecar is not hashed by restore (select mode checks it)."""
+    root, dest = app
+    result = bs.backup(params(root, dest, compression="none"))
+    path = dest / result["name"]
+    data = path.read_bytes()
+    wanted = json.dumps(str(root / "app.db")).encode()
+    assert data.count(wanted) == 2  # the manifest's mentions of the database's path (member and database)
+    moved = json.dumps(str(root / "xpp.db")).encode()
+    path.write_bytes(data.replace(wanted, moved))
+    (dest / (path.name + ".sha256")).write_text(
+        "%s  %s\n" % (hashlib.sha256(path.read_bytes()).hexdigest(), path.name))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RunbookError, match="member manifest.json does not match its sha256 in SHA256SUMS"):
+        bs.restore({"src": str(dest), "dest_root": str(fresh)})
+    assert not fresh.exists()
+    path.write_bytes(data)  # intact again, with a wrong sidecar: restore relies on SHA256SUMS
+    (dest / (path.name + ".sha256")).write_text("%s  %s\n" % ("a" * 64, path.name))
+    out = bs.restore({"src": str(dest), "dest_root": str(fresh)})
+    assert count(fresh / str(root / "app.db").lstrip("/")) == 50 and out["verified"] is True
+    with pytest.raises(RunbookError, match="sha256 mismatch"):
+        bs.restore({"src": str(dest), "mode": "select"})
+
+
+def test_format_3_sha256sums_must_list_the_manifest(tmp_path):
+    members = [(_info("files/a.txt", size=1), b"a")]
+    path = tmp_path / "backup-20260101T000000Z.tar"
+    _write_raw_set(path, dict(_v2_manifest(members), format=3), members, bs.CHECKSUMS, _sums(members))
+    with pytest.raises(RunbookError, match="damaged set: SHA256SUMS does not list manifest.json"):
+        bs.verify_set(str(path))
 
 
 def test_missing_sidecar(backed_up):
