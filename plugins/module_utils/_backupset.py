@@ -403,7 +403,6 @@ def _check_snapshot(path: str, uri: str, check: str) -> dict:
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         try:
-            map_private_copy(conn)
             ok, errors = run_check(conn, check)
         finally:
             conn.close()
@@ -2504,7 +2503,6 @@ def _drill(set_path: str, opts: dict, check_mode: bool) -> dict:
             try:
                 conn = connect(temp, busy_timeout_ms=opts["busy_timeout"])
                 try:
-                    map_private_copy(conn)
                     ok, errors = run_check(conn, opts["check"])
                     result["row_counts"][name] = table_row_counts(conn) if ok else {}
                 finally:
