@@ -295,7 +295,10 @@ class Passes:
         with open(self.snap, "rb") as source, open(target, "wb") as out:
             left = os.fstat(source.fileno()).st_size
             while left:
-                left -= os.copy_file_range(source.fileno(), out.fileno(), min(left, 8 * MIB))
+                copied = os.copy_file_range(source.fileno(), out.fileno(), min(left, 8 * MIB))
+                if not copied:
+                    raise SystemExit("%s shrank while it was copied" % self.snap)
+                left -= copied
 
     @staticmethod
     def _zstd(path: str, *flags: str) -> None:

@@ -120,9 +120,8 @@ def _damage(kind, path, sets_dir):
     return os.path.basename(out)
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd", "gzip"])
-@pytest.mark.parametrize("kind", ["truncated", "bit_flipped", "bit_flipped_bad_sidecar"])
-def test_damaged_set_refused_before_touching_live(tmp_path, compression, kind):
+def _backed_up_then_changed(tmp_path, compression):
+    """A set of app.db, then app.db replaced by a different database: (app, sets, db, backup result)."""
     app, sets = tmp_path / "app", tmp_path / "sets"
     app.mkdir()
     sets.mkdir()
@@ -130,6 +129,13 @@ def test_damaged_set_refused_before_touching_live(tmp_path, compression, kind):
     made = bs.backup({"databases": [db], "dest": str(sets), "compression": compression})
     os.unlink(db)
     helpers.make_db(db, mib=0.2, seed=4)   # the live database differs from the set
+    return app, sets, db, made
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd", "gzip"])
+@pytest.mark.parametrize("kind", ["truncated", "bit_flipped", "bit_flipped_bad_sidecar"])
+def test_damaged_set_refused_before_touching_live(tmp_path, compression, kind):
+    app, sets, db, made = _backed_up_then_changed(tmp_path, compression)
     live = helpers.sha256(db)
     name = _damage(kind, made["path"], str(sets))
     with pytest.raises(RunbookError) as err:
@@ -147,13 +153,7 @@ def test_wrong_sidecar_beside_an_intact_set(tmp_path, compression):
     """Restore checks every byte it uses against SHA256SUMS (the manifest included), not the set
     file against its sidecar: an intact set whose sidecar is wrong still restores, exactly what was
     backed up; select mode, which checks the sidecar and nothing else, refuses it."""
-    app, sets = tmp_path / "app", tmp_path / "sets"
-    app.mkdir()
-    sets.mkdir()
-    db = helpers.make_db(app / "app.db", mib=0.5, seed=3)
-    made = bs.backup({"databases": [db], "dest": str(sets), "compression": compression})
-    os.unlink(db)
-    helpers.make_db(db, mib=0.2, seed=4)
+    _app, sets, db, made = _backed_up_then_changed(tmp_path, compression)
     name = _damage("wrong_checksum", made["path"], str(sets))
     with pytest.raises(RunbookError, match="sha256 mismatch"):
         bs.restore({"src": str(sets), "set": name, "mode": "select"})
