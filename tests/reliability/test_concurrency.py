@@ -50,7 +50,9 @@ def _wait_for_temp(proc, dest, timeout=60):
 
 def _verify_all(dest, db):
     for item in bs.list_sets(str(dest)):
-        bs.verify_set(os.path.join(str(dest), item["name"]))
+        path = os.path.join(str(dest), item["name"])
+        bs.verify_set(path)  # every member and the manifest against SHA256SUMS
+        assert bs.read_sidecar(path) == helpers.sha256(path), "%s does not match its .sha256" % item["name"]
     assert helpers.temps(dest) == [] and helpers.integrity(db) == ["ok"]
 
 
