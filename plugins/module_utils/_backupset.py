@@ -40,6 +40,7 @@ import sys
 import tarfile
 import threading
 import time
+import typing
 import zlib
 
 from ansible_collections.runbook.sqlite_app.plugins.module_utils._errors import RunbookError
@@ -1300,24 +1301,33 @@ def _safe_member(info: tarfile.TarInfo, path: str) -> None:
                                % (path, name, target))
 
 
+class Extraction(typing.NamedTuple):
+    """Where scan_set writes one member: ``file`` (a new temp file) and ``shown``, the path an
+    error names (the file a restore will put in place, or a drill's directory)."""
+
+    file: str
+    shown: str
+
+
 def scan_set(path: str, extract_to: dict | None = None, identity: str | None = None, *, on_manifest=None,
              write_back: _WriteBack | None = None, then=None) -> dict:
     """Read a set once: check every member header, hash every file member (and from format 3 on the
     manifest) and compare it with the set's checksums (SHA256SUMS, its last member; in a format 1
     set, the manifest).
 
-    With ``extract_to`` ({member: target file path}) the named regular members are written to
-    those paths. ``on_manifest(manifest)``, called as soon as the manifest (the first member) is
-    read, may return such a mapping instead: restore plans its targets from the manifest and
-    extracts in the same pass. A large extracted file is written as fast as the page cache takes it
-    (from an uncompressed set, copied in the kernel) and hashed from the file by a helper thread:
-    a copied one while it is copied, a decompressed one once it is complete (see _scan_members);
-    ``then()``, if given, runs as soon as every member is read, while those hashes may still be
-    computed (restore and drill pass
-    their SQLite check of the extracted copies, which so need not wait for the hashes). A member
-    that does not match its sha256 is reported before a failure of ``then()``. Extracted files are
-    only candidates until the scan returns; the caller owns them. ``identity`` is the age identity
-    file for an encrypted set. Returns the manifest, with each file member's sha256 in it.
+    With ``extract_to`` ({member: Extraction(file, shown)}) the named regular members are written
+    to those files (new temp files); an error while writing one names ``shown``, the path it is
+    meant for (a restored file's final path), not the temp file. ``on_manifest(manifest)``, called
+    as soon as the manifest (the first member) is read, may return such a mapping instead: restore
+    plans its targets from the manifest and extracts in the same pass. A large extracted file is
+    written as fast as the page cache takes it (from an uncompressed set, copied in the kernel) and
+    hashed from the file by a helper thread: a copied one while it is copied, a decompressed one
+    once it is complete (see _scan_members); ``then()``, if given, runs as soon as every member is
+    read, while those hashes may still be computed (restore and drill pass their SQLite check of
+    the extracted copies, which so need not wait for the hashes). A member that does not match its
+    sha256 is reported before a failure of ``then()``. Extracted files are only candidates until
+    the scan returns; the caller owns them. ``identity`` is the age identity file for an encrypted
+    set. Returns the manifest, with each file member's sha256 in it.
 
     Extracted files are scratch copies (a drill's) unless ``write_back`` (a _WriteBack) is given:
     then a large one is written back to disk by a thread while it is extracted, and every
@@ -1420,9 +1430,13 @@ def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_man
             raise RunbookError("%s: member %s does not match its size in the manifest (damaged set)"
                                % (path, info.name))
         out = flusher = None
-        target = extract_to.get(info.name) if extract_to else None
+        extraction = extract_to.get(info.name) if extract_to else None
+        target = extraction.file if extraction else None
         if target:
-            out = open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+            try:
+                out = open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+            except OSError as exc:
+                raise _extraction_error(extraction, info.name, "create", exc) from None
             if write_back is not None and info.size > FLUSH_EVERY:
                 # written back by a thread while we extract; never throttled: the application
                 # is stopped during a restore, and the extraction runs ahead of the disk
@@ -1433,7 +1447,8 @@ def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_man
         # take the core that zstd, and so the check waiting for the copy, needs). Any other member
         # is hashed as it is read, a large one on the other core.
         large = info.size > 4 * CHUNK
-        copying = bool(large and target and reader.compression == "none")
+        # a sparse member's bytes are not one range of the set (ours never are sparse)
+        copying = bool(large and target and reader.compression == "none" and not info.issparse())
         if not large:
             digest = hashlib.sha256()
         elif target:
@@ -1444,7 +1459,7 @@ def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_man
             digest = _HashThread()
         try:
             if copying and _copy_range(reader.raw.fileno(), info.offset_data, info.size, out,
-                                       target=target, member=info.name):
+                                       extraction=extraction, member=info.name):
                 chunks = ()
             else:
                 chunks = iter(functools.partial(reader.tar.extractfile(info).read, CHUNK), b"")
@@ -1452,7 +1467,7 @@ def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_man
                 if digest is not None:
                     digest.update(chunk)
                 if out is not None:
-                    _write_out(out, chunk, target, info.name)
+                    _write_out(out, chunk, extraction, info.name)
             if write_back is not None and out is not None:  # its fsync goes on while we scan and check
                 write_back.add(target, out, flusher)
                 out = flusher = None
@@ -1478,13 +1493,12 @@ def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_man
     return manifest, expected, seen, digests, sums
 
 
-def _copy_range(source: int, offset: int, size: int, out, *, target: str, member: str) -> bool:
+def _copy_range(source: int, offset: int, size: int, out, *, extraction: Extraction, member: str) -> bool:
     """Copy a member of an uncompressed set (``size`` bytes at ``offset`` of the set's fd) into
     ``out`` inside the kernel (copy_file_range): one copy from page cache to page cache, none
     through our buffers and no Python per MiB (docs/BENCHMARKS.md times it against a buffered copy,
     "Each pass alone"). False, with nothing copied, where the kernel cannot (another filesystem on a
-    kernel before 5.19, or no such call): the caller then reads and writes. ENOSPC is raised as
-    scan_set reports it."""
+    kernel before 5.19, or no such call): the caller then reads and writes."""
     copy = getattr(os, "copy_file_range", None)
     if copy is None:
         return False
@@ -1495,10 +1509,7 @@ def _copy_range(source: int, offset: int, size: int, out, *, target: str, member
         except OSError as exc:
             if done == 0 and exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 return False
-            if exc.errno == errno.ENOSPC:
-                raise
-            raise RunbookError("%s (extracting %s): cannot copy: %s"
-                               % (target, member, describe_oserror(exc))) from None
+            raise _extraction_error(extraction, member, "write", exc) from None
         if count == 0:
             raise EOFError("unexpected end of data in member %s" % member)
         done += count
@@ -1533,16 +1544,19 @@ def _add_checksums(manifest: dict, sums: dict) -> None:
             entry["sha256"] = sums[entry["member"]]
 
 
-def _write_out(out, chunk: bytes, target: str, member: str) -> None:
-    """Write an extracted chunk; a failure names the target, not the set (ENOSPC keeps
-    scan_set's "no space left" message)."""
+def _write_out(out, chunk: bytes, extraction: Extraction, member: str) -> None:
+    """Write an extracted chunk."""
     try:
         out.write(chunk)
         out.flush()  # the flusher measures the file, not our buffer
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise
-        raise RunbookError("%s (extracting %s): cannot write: %s" % (target, member, describe_oserror(exc))) from None
+        raise _extraction_error(extraction, member, "write", exc) from None
+
+
+def _extraction_error(extraction: Extraction, member: str, doing: str, exc: OSError) -> RunbookError:
+    """A failure to create or write an extracted file names the path it is meant for, not the set
+    (the set may sit on another disk) nor the temp file."""
+    return RunbookError("%s (extracting %s): cannot %s: %s" % (extraction.shown, member, doing, describe_oserror(exc)))
 
 
 class _WriteBack:
@@ -2227,7 +2241,7 @@ class _RestoreJob:
                 self._makedirs(parent)
                 self.temp_dirs[parent] = make_temp_dir(parent)
             temp = os.path.join(self.temp_dirs[parent], "m%d" % index)
-            extract_to[member["member"]] = temp
+            extract_to[member["member"]] = Extraction(temp, target)
             self.staged.append((member, target, temp))
         return extract_to
 
@@ -2494,7 +2508,7 @@ def _drill(set_path: str, opts: dict, check_mode: bool) -> dict:
         members.extend(_select_members(manifest, opts, set_path))
         if work is None:
             return {}
-        return {m["member"]: os.path.join(work, "m%d" % i) for i, m in enumerate(members)}
+        return {m["member"]: Extraction(os.path.join(work, "m%d" % i), drill_dir) for i, m in enumerate(members)}
 
     def check_copies():
         for index, member in enumerate(members if work is not None else []):

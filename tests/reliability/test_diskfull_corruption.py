@@ -68,13 +68,14 @@ def test_backup_disk_full(tmp_path, tmpfs, variant):
                    sidecars_changed=0)
 
 
-def test_restore_disk_full(tmp_path, tmpfs):
+@pytest.mark.parametrize("compression", ["none", "zstd"])  # copied in the kernel, or decompressed and written
+def test_restore_disk_full(tmp_path, tmpfs, compression):
     live = tmpfs("live", "1m")
     sets = tmp_path / "sets"
     sets.mkdir()
     db = os.path.join(live, "app.db")
     big = helpers.make_db(tmp_path / "app.db", mib=3, seed=5)
-    bs.backup({"databases": [big], "dest": str(sets), "compression": "none"})
+    bs.backup({"databases": [big], "dest": str(sets), "compression": compression})
     # the live database (small) sits on the full file system; the set maps to it via dest_root
     helpers.make_db(db, mib=0.05)
     source_path = os.path.join(live, str(tmp_path / "app.db").lstrip("/"))
@@ -83,12 +84,30 @@ def test_restore_disk_full(tmp_path, tmpfs):
     live_hash = helpers.sha256(source_path)
     sets_before = _snapshot_dir(sets)
     live_before = sorted(os.listdir(os.path.dirname(source_path)))
-    with pytest.raises(RunbookError, match="no space left"):
+    with pytest.raises(RunbookError) as err:
         bs.restore({"src": str(sets), "dest_root": live, "force": True})
+    # named by the database it was to replace, not by the set (on another disk) nor a temp file
+    assert str(err.value).startswith(source_path + " (extracting databases/"), err.value
+    assert str(err.value).endswith("): cannot write: no space left on device"), err.value
     assert helpers.sha256(source_path) == live_hash
     assert sorted(os.listdir(os.path.dirname(source_path))) == live_before   # no temp, no safety copy
     assert _snapshot_dir(sets) == sets_before, "the sets directory changed"
     helpers.record("disk_full.restore", faults=1, clear_error=1, live_db_changed=0, sets_changed=0)
+
+
+def test_drill_disk_full(tmp_path, tmpfs):
+    scratch = tmpfs("scratch", "1m")
+    sets = tmp_path / "sets"
+    sets.mkdir()
+    bs.backup({"databases": [helpers.make_db(tmp_path / "app.db", mib=3, seed=6)], "dest": str(sets)})
+    sets_before = _snapshot_dir(sets)
+    with pytest.raises(RunbookError) as err:
+        bs.restore({"src": str(sets), "mode": "drill", "drill_dir": scratch})
+    assert str(err.value).startswith(scratch + " (extracting databases/"), err.value
+    assert str(err.value).endswith("): cannot write: no space left on device"), err.value
+    assert os.listdir(scratch) == []  # its temp directory is gone
+    assert _snapshot_dir(sets) == sets_before, "the sets directory changed"
+    helpers.record("disk_full.drill", faults=1, clear_error=1, sets_changed=0)
 
 
 # ---------------------------------------------------------------------------------------------
