@@ -55,3 +55,26 @@ def tmpfs(tmp_path):
     yield make
     for path in reversed(mounted):
         subprocess.run(["umount", "-l", path], check=False)
+
+
+@pytest.fixture
+def xfs(tmp_path):
+    """A factory for XFS file systems with reflink, each in a sparse image file on a loop device
+    (root only), unmounted in teardown."""
+    mounted = []
+
+    def make(name: str, size: str = "512m") -> str:
+        helpers.require_tools("mkfs.xfs", "xfs_io")
+        image, path = tmp_path / (name + ".img"), tmp_path / name
+        path.mkdir()
+        subprocess.run(["truncate", "-s", size, str(image)], check=True)
+        subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+        proc = subprocess.run(["mount", "-o", "loop", str(image), str(path)], capture_output=True, text=True,
+                              check=False)
+        helpers.require(proc.returncode == 0, "cannot mount an XFS image here: %s" % proc.stderr.strip())
+        mounted.append(str(path))
+        return str(path)
+
+    yield make
+    for path in reversed(mounted):
+        subprocess.run(["umount", path], check=False)

@@ -1453,8 +1453,34 @@ def test_orphan_checksum_file_is_removed_by_the_next_backup(app):
 # the single-pass writer and reader
 
 
-def test_uncompressed_set_is_a_plain_tar_manifest_first_and_its_sidecar_matches(app, tmp_path):
+@pytest.mark.parametrize("name", ["databases/app.db", "files/" + "long-name/" * 20 + "x.bin",  # a pax path record
+                                  "files/\u00e9t\u00e9.bin"])
+def test_aligned_header_puts_the_data_on_a_block_boundary_from_any_offset(name):
+    for at in range(0, 2 * bs.ALIGN, tarfile.BLOCKSIZE):
+        info = bs._tarinfo(name, "file", size=bs.ALIGN * 5)
+        header = bs._aligned_header(info, at)
+        assert (at + len(header)) % bs.ALIGN == 0
+        assert len(header) <= bs.ALIGN + 3 * tarfile.BLOCKSIZE + len(bs._tar_header(bs._tarinfo(name, "file")))
+        # what a reader sees: the same member, the padding only as an ignored pax comment
+        read = tarfile.TarInfo.frombuf(header[-tarfile.BLOCKSIZE:], tarfile.ENCODING, "surrogateescape")
+        assert read.size == bs.ALIGN * 5
+        if at == 0:  # what comes before it in the archive: nothing, a directory, or a file of at - 512 bytes
+            before = b""
+        elif at == tarfile.BLOCKSIZE:
+            before = bs._tar_header(bs._tarinfo("files/d", "dir"))
+        else:
+            before = bs._tar_header(bs._tarinfo("manifest.json", "file", size=at - 512)) + b"{" * (at - 512)
+        assert len(before) == at
+        archive = before + header + b"\0" * (bs.ALIGN * 5) + b"\0" * tarfile.RECORDSIZE
+        with tarfile.open(fileobj=io.BytesIO(archive)) as parsed:
+            member = parsed.getmembers()[-1]
+        assert member.name == name and member.size == bs.ALIGN * 5 and member.offset_data == at + len(header)
+
+
+def test_uncompressed_set_is_a_plain_tar_manifest_first_and_its_sidecar_matches(app, tmp_path, monkeypatch):
+    monkeypatch.setattr(bs, "CHUNK", 4096)  # "large" from 16 KiB on: such members start on a 4 KiB block
     root, dest = app
+    make_db(root / "app.db", rows=5000)
     result = bs.backup(params(root, dest, compression="none"))
     path = result["path"]
     data = open(path, "rb").read()
@@ -1473,6 +1499,7 @@ def test_uncompressed_set_is_a_plain_tar_manifest_first_and_its_sidecar_matches(
                          text=True, check=False)
     assert out.returncode == 0 and "databases/app.db: OK" in out.stdout, out.stdout + out.stderr
     returned = {m["member"]: m for m in result["manifest"]["members"]}
+    aligned = 0
     with tarfile.open(path) as tar:
         manifest = json.load(tar.extractfile(bs.MANIFEST))
         for member in manifest["members"]:
@@ -1481,11 +1508,15 @@ def test_uncompressed_set_is_a_plain_tar_manifest_first_and_its_sidecar_matches(
                 digest = hashlib.sha256(tar.extractfile(info).read()).hexdigest()
                 assert digest == returned[member["member"]]["sha256"]
                 assert info.size == member["size"] and info.mode == member["mode"]
+                large = info.size > 4 * bs.CHUNK
+                assert (info.offset_data % bs.ALIGN == 0) if large else ("comment" not in info.pax_headers)
+                aligned += large
             elif member["type"] == "symlink":
                 assert info.issym() and info.linkname == member["target"]
             else:
                 assert info.isdir()
     assert all(db["check"] == {"kind": "quick_check", "ok": True, "errors": []} for db in manifest["databases"])
+    assert aligned >= 1  # the fixture's database is large enough to be aligned
 
 
 def test_sets_written_by_tarfile_still_restore(tmp_path):
