@@ -914,8 +914,8 @@ def _aligned_header(info: tarfile.TarInfo, at: int) -> bytes:
     """The header of a file member that starts at offset ``at`` of the archive, grown by a PAX
     ``comment`` record (which tar readers ignore) until the member's data starts on an ALIGN
     boundary. A restore copies such data with copy_file_range: on XFS or btrfs the kernel then
-    shares the blocks with the set instead of copying them, and on ext4 an aligned copy is faster
-    (docs/BENCHMARKS.md). Each step adds one 512-byte block, so eight steps reach any offset."""
+    shares the blocks with the set instead of copying them (docs/backup-sets.md); ext4 copies
+    either way. Each step adds one 512-byte block, so eight steps reach any offset."""
     header = _tar_header(info)
     fill = 0
     while (at + len(header)) % ALIGN and fill <= ALIGN + tarfile.BLOCKSIZE:
