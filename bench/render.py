@@ -757,7 +757,8 @@ def main(argv=None) -> int:
       "`BENCH_FLEET_COUNTS` (\"1 3 6 10\"), `BENCH_FLEET_MAX_SECONDS` (900: later host counts are skipped), "
       "`BENCH_FLEET_OFF_MAX_HOSTS` (3: pipelining off is timed up to this many hosts), "
       "`BENCH_WORK` (/var/tmp/runbook-bench), `BENCH_RESULTS`, `BENCH_DOC`, `BENCH_IMG`. Raw results: "
-      "`bench/results/*.json` (not committed). matplotlib is pinned in `bench/run.sh` and lives in "
+      "`bench/results/*.json` (not committed; a run moves the previous run's files to "
+      "`bench/results/previous/<UTC time>/`). matplotlib is pinned in `bench/run.sh` and lives in "
       "`build/bench-venv`.")
     os.makedirs(os.path.dirname(args.doc), exist_ok=True)
     with open(args.doc, "w", encoding="utf-8") as handle:

@@ -11,7 +11,8 @@
 #   BENCH_FLEET       0 skips the container fleet bench (default: run it when docker and the lab image are there)
 #   BENCH_FLEET_COUNTS  host counts                                                (default "1 3 6 10")
 #   BENCH_WORK        scratch directory for databases and sets       (default /var/tmp/runbook-bench)
-#   BENCH_RESULTS     where the JSON goes (default bench/results); BENCH_DOC, BENCH_IMG: the rendered
+#   BENCH_RESULTS     where the JSON goes (default bench/results; a previous run's files move to
+#                     previous/<UTC time>/ there); BENCH_DOC, BENCH_IMG: the rendered
 #                     document and plots (default docs/BENCHMARKS.md, docs/img)
 # Figures go to docs/BENCHMARKS.md, never into tests.
 set -euo pipefail
@@ -52,7 +53,16 @@ py="$venv/bin/python"
 tree=$(bash tools/collection-tree.sh "$root/build/bench-tree")
 export BENCH_COLLECTION_ROOT="$root/build/bench-tree"
 mkdir -p "$results" "$work"
-rm -f "$results"/*.json "$results"/*.log
+# the previous run's figures move aside, never away: a committed document may still rest on them
+shopt -s nullglob
+previous=("$results"/*.json "$results"/*.log)
+shopt -u nullglob
+if [ ${#previous[@]} -gt 0 ]; then
+    kept="$results/previous/$(date -u +%Y%m%dT%H%M%SZ)"
+    mkdir -p "$kept"
+    mv "${previous[@]}" "$kept/"
+    echo "bench: the previous results are in $kept"
+fi
 echo "bench: sizes [$sizes] MiB, $runs run(s), writer $rate commits/s, work $work, collection $tree"
 echo "bench: load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 started=$(date +%s)
