@@ -1396,8 +1396,6 @@ def _read_members(path: str, identity: str | None, *, extract_to: dict | None, o
     except tarfile.TarError as exc:
         raise RunbookError("%s: damaged or truncated set: %s" % (path, exc)) from None
     except (EOFError, OSError, ValueError, zlib.error) as exc:
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise RunbookError("%s: extraction failed: no space left on device" % path) from None
         raise RunbookError("%s: damaged or truncated set: %s" % (path, exc)) from None
     manifest, expected, seen, digests, sums = found
     if manifest is None:
@@ -1486,7 +1484,7 @@ def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_man
                 if out is not None:
                     _write_out(out, chunk, extraction, info.name)
             if write_back is not None and out is not None:  # its fsync goes on while we scan and check
-                write_back.add(target, out, flusher)
+                write_back.add(extraction, info.name, out, flusher)
                 out = flusher = None
         finally:
             if copying:
@@ -1570,10 +1568,11 @@ def _write_out(out, chunk: bytes, extraction: Extraction, member: str) -> None:
         raise _extraction_error(extraction, member, "write", exc) from None
 
 
-def _extraction_error(extraction: Extraction, member: str, doing: str, exc: OSError) -> RunbookError:
-    """A failure to create or write an extracted file names the path it is meant for, not the set
-    (the set may sit on another disk) nor the temp file."""
-    return RunbookError("%s (extracting %s): cannot %s: %s" % (extraction.shown, member, doing, describe_oserror(exc)))
+def _extraction_error(extraction: Extraction, member: str, doing: str, exc: Exception) -> RunbookError:
+    """A failure to create, write or write back an extracted file names the path it is meant for,
+    not the set (the set may sit on another disk) nor the temp file."""
+    cause = describe_oserror(exc) if isinstance(exc, OSError) else str(exc)
+    return RunbookError("%s (extracting %s): cannot %s: %s" % (extraction.shown, member, doing, cause))
 
 
 class _WriteBack:
@@ -1586,20 +1585,20 @@ class _WriteBack:
     def __init__(self):
         self._queue = queue.Queue(maxsize=64)
         self._thread = None
-        self.failure = None  # (file, exception) of the first file that could not be written back
+        self.failure = None  # the RunbookError of the first file that could not be written back
 
-    def add(self, path: str, out, flusher: _Flusher | None) -> None:
+    def add(self, extraction: Extraction, member: str, out, flusher: _Flusher | None) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
-        self._queue.put((path, out, flusher))
+        self._queue.put((extraction, member, out, flusher))
 
     def _run(self):
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            path, out, flusher = item
+            extraction, member, out, flusher = item
             try:
                 try:
                     if flusher is not None:
@@ -1609,9 +1608,9 @@ class _WriteBack:
                     out.close()
             except Exception as exc:  # kept for wait(); this thread must go on closing the other files
                 if self.failure is None:
-                    self.failure = (path, exc)
+                    self.failure = _extraction_error(extraction, member, "write", exc)
 
-    def wait(self) -> tuple | None:
+    def wait(self) -> RunbookError | None:
         """Wait until every file added is on disk (or failed); returns ``failure``."""
         if self._thread is not None:
             self._queue.put(None)
@@ -2304,11 +2303,7 @@ class _RestoreJob:
         opts = self.opts
         failure = self.write_back.wait()
         if failure:
-            path, exc = failure
-            shown = next(("%s (extracting %s)" % (target, member["member"])
-                          for member, target, temp in self.staged if temp == path), path)
-            cause = describe_oserror(exc) if isinstance(exc, OSError) else str(exc)
-            raise RunbookError("%s: cannot write: %s" % (shown, cause))
+            raise failure
         for member, target in self.plan:  # directories first, with the mode the manifest recorded
             if member["type"] == "dir":
                 try:
