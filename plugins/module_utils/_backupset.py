@@ -1486,6 +1486,12 @@ def _scan_members(reader: _Reader, path: str, *, extract_to: dict | None, on_man
             if write_back is not None and out is not None:  # its fsync goes on while we scan and check
                 write_back.add(extraction, info.name, out, flusher)
                 out = flusher = None
+            elif out is not None:  # a drill's scratch copy: a write error reported by close counts
+                written, out = out, None
+                try:
+                    written.close()
+                except OSError as exc:
+                    raise _extraction_error(extraction, info.name, "write", exc) from None
         finally:
             if copying:
                 pending.complete(info.name)

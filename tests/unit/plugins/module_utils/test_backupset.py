@@ -1057,6 +1057,38 @@ def test_drill_reports_row_counts_and_touches_nothing(backed_up, tmp_path):
         bs.restore({"src": str(dest), "mode": "drill"})
 
 
+class _CloseFails:
+    """A file whose close() reports a write error (as NFS reports a failed write-back at close)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def close(self):
+        self._handle.close()
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+def test_drill_reports_a_write_error_at_close(backed_up, tmp_path, monkeypatch):
+    """A drill's scratch copy is closed on the success path too, and an error there is reported,
+    naming the drill directory and the member; the scratch directory is removed."""
+    dest = backed_up[1]
+    drill = tmp_path / "drill"
+    drill.mkdir()
+
+    def opening(file, mode="r", *args, **kwargs):
+        handle = open(file, mode, *args, **kwargs)
+        return _CloseFails(handle) if isinstance(file, int) and mode == "wb" else handle
+
+    monkeypatch.setattr(bs, "open", opening, raising=False)
+    with pytest.raises(RunbookError, match=r"^%s \(extracting databases/[^)]*app\.db\): cannot write: "
+                                           r"input/output error$" % re.escape(str(drill))):
+        bs.restore({"src": str(dest), "mode": "drill", "drill_dir": str(drill)})
+    assert listing(drill) == []
+
+
 def test_choose_set_by_before_and_label(tmp_path, app):
     root, dest = app
     first = bs.backup(params(root, dest, label="nightly"))
