@@ -2261,8 +2261,7 @@ class _RestoreJob:
             parent = os.path.dirname(target)
             if parent not in self.temp_dirs:
                 self._makedirs(parent)
-                self.temp_dirs[parent] = make_temp_dir(parent)
-            temp = os.path.join(self.temp_dirs[parent], "m%d" % index)
+            temp = os.path.join(self._temp_dir(parent), "m%d" % index)
             extract_to[member["member"]] = Extraction(temp, target)
             self.staged.append((member, target, temp))
         return extract_to
@@ -2310,27 +2309,26 @@ class _RestoreJob:
         failure = self.write_back.wait()
         if failure:
             raise failure
-        for member, target in self.plan:  # directories first, with the mode the manifest recorded
-            if member["type"] == "dir":
-                try:
-                    os.makedirs(target, mode=0o700, exist_ok=True)
-                    os.chmod(target, member.get("mode", 0o700))
-                except OSError as exc:
-                    raise RunbookError("%s: cannot create directory: %s" % (target, describe_oserror(exc))) from None
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime(_TS_FORMAT)
-        safety = []
-        for member, target, temp in self.staged:
-            safety.extend(_replace(member, target, temp, opts, stamp))
-        for member, target in self.plan:
-            if member["type"] == "symlink":
-                try:
-                    if os.path.lexists(target):
-                        safety.extend(_safety_copy(target, stamp, opts, member))
-                        os.unlink(target)
-                    os.symlink(member["target"], target)
-                except OSError as exc:
-                    raise RunbookError("%s: cannot create link: %s" % (target, describe_oserror(exc))) from None
-        return safety
+        undo = _Undo()
+        try:
+            for member, target in self.plan:  # directories first, with the mode the manifest recorded
+                if member["type"] == "dir":
+                    _make_dir(target, member.get("mode", 0o700), undo)
+            for member, target, temp in self.staged:
+                _replace(member, target, temp, opts, stamp=stamp, undo=undo, temp_dir=self._temp_dir)
+            for member, target in self.plan:
+                if member["type"] == "symlink":
+                    _replace_link(member, target, opts, stamp=stamp, undo=undo, temp_dir=self._temp_dir)
+        except RunbookError as exc:
+            raise RunbookError(str(exc) + undo.roll_back()) from None
+        return undo.safety
+
+    def _temp_dir(self, parent: str) -> str:
+        """This run's temp directory in ``parent`` (made on first use; cleanup() removes it)."""
+        if parent not in self.temp_dirs:
+            self.temp_dirs[parent] = make_temp_dir(parent)
+        return self.temp_dirs[parent]
 
     def cleanup(self) -> None:
         self.write_back.wait()  # a failed run: no thread outlives it
@@ -2443,30 +2441,131 @@ def _check_extracted(temp: str, target: str, opts: dict) -> None:
                            % (target, opts["check"], "; ".join(errors)))
 
 
-def _safety_copy(target: str, stamp: str, opts: dict, member: dict) -> list[str]:
-    if not opts["safety_copy"]:
-        return []
-    copies = []
-    base = "%s.pre-restore-%s" % (target, stamp)
-    pairs = [(target, base)]
-    if member["type"] == "database":
-        pairs += [(target + suffix, base + suffix) for suffix in ("-wal", "-journal")]
-    for src, dst in pairs:
-        if not os.path.lexists(src):
-            continue
-        try:
-            os.link(src, dst, follow_symlinks=False)  # the replaced inode lives on under the safety name
-        except OSError:
+class _Undo:
+    """What a restore's swaps have changed so far, and how to put it back: a swap that fails after
+    others succeeded must not leave a database from the set beside an ``.env`` from before.
+
+    Each replaced path (a file, a database's ``-wal``/``-journal``) keeps its old inode under a
+    second name before anything is removed or renamed over it: its safety copy, or with
+    ``safety_copy: false`` a hard link in the restore's temp directory (removed with it after a
+    success). Putting back renames that name over the path again; a replaced symlink is made
+    again from its recorded target; a path that did not exist is removed again. A removed
+    ``-shm`` is not kept: it is the index of the ``-wal`` that SQLite rebuilds when it opens the
+    database. A kill cannot be undone this way (docs/RELIABILITY.md, known limits)."""
+
+    def __init__(self):
+        self.safety = []  # the safety copies made (the module returns them)
+        # (path, how to put it back: ("kept", second name, the path's file) | ("link", target) | ("new",)
+        # | ("dir",))
+        self._steps = []
+
+    def kept(self, path: str, name: str | None) -> None:
+        self._steps.append((path, ("kept", name, _identity(path))))
+
+    def link(self, path: str, target: str) -> None:
+        self._steps.append((path, ("link", target)))
+
+    def new(self, path: str) -> None:
+        self._steps.append((path, ("new",)))
+
+    def new_dir(self, path: str) -> None:
+        self._steps.append((path, ("dir",)))
+
+    def keep_name(self) -> str:
+        """A name for the next hard link kept in the temp directory."""
+        return "kept-%d" % len(self._steps)
+
+    def roll_back(self) -> str:
+        """Put back every path changed so far, newest first; returns what the failure's message adds."""
+        put_back, failed = 0, []
+        for path, how in reversed(self._steps):
             try:
-                shutil.copy2(src, dst, follow_symlinks=False)
+                if self._put_back(path, *how):
+                    fsync_dir(os.path.dirname(path))
+                    put_back += 1
             except OSError as exc:
-                raise RunbookError("%s: cannot keep a safety copy at %s: %s"
-                                   % (src, dst, describe_oserror(exc))) from None
-        copies.append(dst)
-    return copies
+                kept = " (its previous content is at %s)" % how[1] if how[0] == "kept" and how[1] else ""
+                failed.append("%s: %s%s" % (path, describe_oserror(exc), kept))
+            except RunbookError as exc:
+                failed.append(str(exc))
+        if failed:
+            return "; could not put back %s" % "; ".join(failed)
+        if put_back:
+            return "; the restore was undone: the %d path(s) it had changed are back as they were" % put_back
+        return ""
+
+    def _put_back(self, path: str, how: str, arg: str | None = None, was=None) -> bool:
+        """One step undone; False where the path had not changed yet."""
+        if how == "new":
+            if not os.path.lexists(path):
+                return False
+            os.unlink(path)
+        elif how == "dir":
+            os.rmdir(path)  # empty again once what this run put into it is gone
+        elif how == "link":
+            if os.path.islink(path) and os.readlink(path) == arg:
+                return False  # not replaced yet
+            if os.path.lexists(path):
+                os.unlink(path)
+            os.symlink(arg, path)
+        elif _identity(path) == was:  # the failure came before this path was touched
+            if arg is not None:
+                self._drop(arg)
+            return False
+        elif arg is None:
+            raise RunbookError("%s (the file system keeps no second name for it)" % path)
+        else:
+            os.replace(arg, path)
+            if arg in self.safety:
+                self.safety.remove(arg)
+        return True
+
+    def _drop(self, name: str) -> None:
+        os.unlink(name)
+        if name in self.safety:
+            self.safety.remove(name)
 
 
-def _replace(member: dict, target: str, temp: str, opts: dict, stamp: str) -> list[str]:
+def _identity(path: str):
+    """(device, inode) of the file at ``path`` itself (a symlink's own), or None."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _keep_old(pairs: list, opts: dict, undo: _Undo, temp_dir) -> None:
+    """Give each existing path of ``pairs`` ((path, its safety copy's name or None), a file
+    first, then its journals) a second name before it is replaced or removed: with
+    ``safety_copy``, its safety copy (a hard link, so it costs no space; a copy where the file
+    system has no hard links); otherwise, or where no safety name is given, a hard link in
+    ``temp_dir(its directory)``, the run's temp directory there (or none where hard links fail:
+    then it cannot be put back)."""
+    for path, safety_name in pairs:
+        if not os.path.lexists(path):
+            continue
+        if opts["safety_copy"] and safety_name:
+            kept = safety_name
+            try:
+                os.link(path, kept, follow_symlinks=False)  # the replaced inode lives on under the safety name
+            except OSError:
+                try:
+                    shutil.copy2(path, kept, follow_symlinks=False)
+                except OSError as exc:
+                    raise RunbookError("%s: cannot keep a safety copy at %s: %s"
+                                       % (path, kept, describe_oserror(exc))) from None
+            undo.safety.append(kept)
+        else:
+            kept = os.path.join(temp_dir(os.path.dirname(path)), undo.keep_name())
+            try:
+                os.link(path, kept, follow_symlinks=False)
+            except OSError:
+                kept = None
+        undo.kept(path, kept)
+
+
+def _replace(member: dict, target: str, temp: str, opts: dict, *, stamp: str, undo: _Undo, temp_dir) -> None:
     exists = os.path.lexists(target)
     if exists and os.path.isfile(target) and not os.path.islink(target):
         st = os.stat(target)
@@ -2476,8 +2575,16 @@ def _replace(member: dict, target: str, temp: str, opts: dict, stamp: str) -> li
         uid = gid = None
     owner = opts["owner"] if opts["owner"] not in (None, "") else uid
     group = opts["group"] if opts["group"] not in (None, "") else gid
-    apply_attrs(temp, mode, owner, group)
-    copies = _safety_copy(target, stamp, opts, member) if exists else []
+    apply_attrs(temp, mode, owner, group, label=target)  # an error names the file, not our temp copy
+    # the safety copy of a database's -wal is <copy>-wal, so that opening the copy reads it; stale
+    # journals beside a missing database get no safety copy, only a name to be put back from
+    base = "%s.pre-restore-%s" % (target, stamp)
+    pairs = [(target, base)] if exists else []
+    if member["type"] == "database":
+        pairs += [(target + suffix, base + suffix if exists else None) for suffix in ("-wal", "-journal")]
+    _keep_old(pairs, opts, undo, temp_dir)
+    if not exists:
+        undo.new(target)
     if member["type"] == "database":
         for extra in sidecar_paths(target):
             try:
@@ -2491,7 +2598,37 @@ def _replace(member: dict, target: str, temp: str, opts: dict, stamp: str) -> li
         fsync_dir(os.path.dirname(target))
     except OSError as exc:
         raise RunbookError("%s: cannot put the restored file in place: %s" % (target, describe_oserror(exc))) from None
-    return copies
+
+
+def _make_dir(path: str, mode: int, undo: _Undo) -> None:
+    """A directory member: made where missing (its missing parents too), then given its mode."""
+    missing = []
+    parent = path
+    while parent and not os.path.isdir(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        for directory in reversed(missing):
+            os.mkdir(directory, 0o700)
+            undo.new_dir(directory)
+        os.chmod(path, mode)
+    except OSError as exc:
+        raise RunbookError("%s: cannot create directory: %s" % (path, describe_oserror(exc))) from None
+
+
+def _replace_link(member: dict, target: str, opts: dict, *, stamp: str, undo: _Undo, temp_dir) -> None:
+    try:
+        if os.path.islink(target) and not opts["safety_copy"]:
+            undo.link(target, os.readlink(target))
+            os.unlink(target)
+        elif os.path.lexists(target):
+            _keep_old([(target, "%s.pre-restore-%s" % (target, stamp))], opts, undo, temp_dir)
+            os.unlink(target)
+        else:
+            undo.new(target)
+        os.symlink(member["target"], target)
+    except OSError as exc:
+        raise RunbookError("%s: cannot create link: %s" % (target, describe_oserror(exc))) from None
 
 
 def _select(set_path: str) -> dict:

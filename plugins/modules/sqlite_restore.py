@@ -21,6 +21,10 @@ description:
     checks it. Only when all of that passed
     does it keep a safety copy of what is replaced, remove stale C(-wal)/C(-shm)/C(-journal) files and rename
     the new file into place, keeping the replaced file's owner and mode.
+  - Each file is swapped on its own. When a swap fails after others succeeded, the module puts back what it
+    had already replaced (from the safety copies, or with O(safety_copy=false) from hard links it keeps
+    until the end) and removes what it created, then fails naming the file and saying so. A run killed
+    between two swaps cannot be undone; run the restore again.
   - O(mode=drill) restores into a scratch directory, checks each database, reports row counts per table
     and removes the scratch copy again; nothing live is touched.
   - Stop the application before a real restore; a running process keeps writing to the replaced file.

@@ -728,6 +728,134 @@ def test_restore_needs_force_and_keeps_safety_copy(backed_up):
     assert again["changed"] is False and again["restored"] == []
 
 
+def _snapshot_tree(root):
+    """{relative path: (inode, bytes or link target)} of everything under ``root``."""
+    found = {}
+    for directory, dirs, names in os.walk(str(root)):
+        for name in dirs + names:
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                found[os.path.relpath(path, str(root))] = (os.lstat(path).st_ino, os.readlink(path))
+            elif os.path.isfile(path):
+                with open(path, "rb") as handle:
+                    found[os.path.relpath(path, str(root))] = (os.stat(path).st_ino, handle.read())
+            else:
+                found[os.path.relpath(path, str(root)) + "/"] = None
+    return found
+
+
+def _failing_swap(monkeypatch, victim, rollback_fails=False):
+    """os.replace fails (EACCES) when it puts the extracted copy of ``victim`` in place; with
+    ``rollback_fails``, also when anything is renamed back over ``victim``'s neighbours."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        extracted = ".runbook-tmp-" in str(src) and os.path.basename(str(src)).startswith("m")
+        if (extracted and str(dst) == str(victim)) or (rollback_fails and not extracted):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(bs.os, "replace", replace)
+
+
+@pytest.mark.parametrize("safety_copy", [True, False])
+def test_restore_failing_midway_puts_back_what_it_replaced(backed_up, monkeypatch, safety_copy):
+    """The fourth swap (.env, after both databases) fails: the databases, app.db's -wal and the
+    .env are then the very files they were before (same inodes, same bytes), and nothing the run
+    made is left, safety copies included; the message names the failed file and says so."""
+    root, dest = backed_up[:2]
+    _db_with_wal(root / "app.db", rows=10)  # the live files move on
+    (root / "tokens.db").write_bytes((root / "tokens.db").read_bytes())  # a new inode, same bytes
+    (root / ".env").write_text("API_KEY=newer\n")
+    os.unlink(str(root / "certs" / "current.pem"))
+    os.symlink("elsewhere.pem", str(root / "certs" / "current.pem"))
+    before = _snapshot_tree(root)
+    _failing_swap(monkeypatch, root / ".env")
+    expected = (r"^%s: cannot put the restored file in place: permission denied; the restore was undone: "
+                r"the (\d+) path\(s\) it had changed are back as they were$" % re.escape(str(root / ".env")))
+    with pytest.raises(RunbookError, match=expected) as failed:
+        bs.restore({"src": str(dest), "force": True, "force_running": True, "safety_copy": safety_copy})
+    # app.db, its -wal, tokens.db (its -journal does not exist): three renames put back
+    assert re.match(expected, str(failed.value)).group(1) == "3"
+    # everything as it was, except a -shm: the index of the -wal that SQLite rebuilds, not kept
+    assert _snapshot_tree(root) == {k: v for k, v in before.items() if not k.endswith("-shm")}
+    assert count(root / "app.db") == 10  # read through its -wal
+    monkeypatch.undo()
+    out = bs.restore({"src": str(dest), "force": True, "force_running": True, "safety_copy": safety_copy})
+    assert count(root / "app.db") == 50 and (root / ".env").read_text() == "API_KEY=secret\n"
+    assert os.readlink(str(root / "certs" / "current.pem")) == "server.pem"
+    # app.db (its -wal was checkpointed by count() above), tokens.db, .env, the link
+    assert len(out["safety_copies"]) == (4 if safety_copy else 0)
+
+
+def test_restore_failing_midway_removes_what_it_created(backed_up, tmp_path, monkeypatch):
+    """Into an empty dest_root: the last file fails, so the files and directories made before
+    it are removed again."""
+    root, dest = backed_up[:2]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    _failing_swap(monkeypatch, fresh / str(root / "certs" / "server.pem").lstrip("/"))
+    with pytest.raises(RunbookError, match=r"server\.pem: cannot put the restored file in place: permission "
+                                           r"denied; the restore was undone: the \d+ path\(s\)"):
+        bs.restore({"src": str(dest), "dest_root": str(fresh)})
+    assert listing(fresh) == []
+
+
+def test_restore_unknown_owner_names_the_file_and_changes_nothing(backed_up):
+    root, dest = backed_up[:2]
+    make_db(root / "app.db", rows=10)
+    before = _snapshot_tree(root)
+    with pytest.raises(RunbookError, match=r"^%s: .*no-such-user-rb" % re.escape(str(root / "app.db"))) as failed:
+        bs.restore({"src": str(dest), "force": True, "owner": "no-such-user-rb"})
+    assert ".runbook-tmp-" not in str(failed.value) and "undone" not in str(failed.value)
+    assert _snapshot_tree(root) == before
+
+
+def test_restore_says_what_it_could_not_put_back(backed_up, monkeypatch):
+    root, dest = backed_up[:2]
+    make_db(root / "app.db", rows=10)
+    old = (root / "app.db").read_bytes()
+    _failing_swap(monkeypatch, root / "tokens.db", rollback_fails=True)
+    with pytest.raises(RunbookError) as failed:
+        bs.restore({"src": str(dest), "force": True})
+    message = str(failed.value)
+    assert message.startswith("%s: cannot put the restored file in place: permission denied; could not put back "
+                              "%s: permission denied (its previous content is at %s.pre-restore-"
+                              % (root / "tokens.db", root / "app.db", root / "app.db"))
+    kept = re.search(r"its previous content is at (\S+)\)", message).group(1)
+    assert open(kept, "rb").read() == old and count(root / "app.db") == 50
+
+
+def _db_with_wal(path, rows):
+    """A WAL database whose last ``rows`` rows are only in its -wal (copied while a connection
+    that never checkpoints held it, between transactions)."""
+    source = str(path) + ".source"
+    conn = sqlite3.connect(source, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=wal")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, body TEXT)")
+        conn.executemany("INSERT INTO items (body) VALUES (?)", [("late %d" % i,) for i in range(rows)])
+        shutil.copyfile(source, str(path))
+        shutil.copyfile(source + "-wal", str(path) + "-wal")
+    finally:
+        conn.close()
+    for leftover in (source, source + "-wal", source + "-shm"):
+        if os.path.exists(leftover):
+            os.unlink(leftover)
+
+
+def test_safety_copy_of_a_wal_database_opens_with_its_wal(backed_up):
+    root, dest = backed_up[:2]
+    db = root / "app.db"
+    _db_with_wal(db, rows=7)
+    assert os.path.getsize(str(db) + "-wal") > 0  # (not opened here: closing it would checkpoint the -wal)
+    out = bs.restore({"src": str(dest), "force": True})
+    copy = [p for p in out["safety_copies"] if p.startswith(str(db) + ".pre-restore-") and p.endswith("Z")][0]
+    assert copy + "-wal" in out["safety_copies"]
+    assert count(copy) == 7 and count(db) == 50
+
+
 def test_restore_with_nothing_to_do_removes_a_killed_runs_temp_dir(backed_up):
     """A restore killed after its swaps, before its cleanup, leaves its temp directory next to
     files that are now in place; the next run has nothing to restore and still removes it."""
