@@ -2547,6 +2547,9 @@ def _keep_old(pairs: list, opts: dict, undo: _Undo, temp_dir) -> None:
             continue
         if opts["safety_copy"] and safety_name:
             kept = safety_name
+            if os.path.lexists(kept):  # a restore in the same second: never overwrite its safety copy
+                raise RunbookError("%s: cannot keep a safety copy at %s: it exists already (run the restore "
+                                   "again in a second)" % (path, kept))
             try:
                 os.link(path, kept, follow_symlinks=False)  # the replaced inode lives on under the safety name
             except OSError:

@@ -760,9 +760,9 @@ def _failing_swap(monkeypatch, victim, rollback_fails=False):
 
 @pytest.mark.parametrize("safety_copy", [True, False])
 def test_restore_failing_midway_puts_back_what_it_replaced(backed_up, monkeypatch, safety_copy):
-    """The fourth swap (.env, after both databases) fails: the databases, app.db's -wal and the
-    .env are then the very files they were before (same inodes, same bytes), and nothing the run
-    made is left, safety copies included; the message names the failed file and says so."""
+    """The swap of .env (after both databases) fails: the databases, app.db's -wal, the .env and
+    the symlink are then the very files they were before (same inodes, same bytes), and nothing
+    the run made is left, safety copies included; the message names the failed file and says so."""
     root, dest = backed_up[:2]
     _db_with_wal(root / "app.db", rows=10)  # the live files move on
     (root / "tokens.db").write_bytes((root / "tokens.db").read_bytes())  # a new inode, same bytes
@@ -777,8 +777,7 @@ def test_restore_failing_midway_puts_back_what_it_replaced(backed_up, monkeypatc
         bs.restore({"src": str(dest), "force": True, "force_running": True, "safety_copy": safety_copy})
     # app.db, its -wal, tokens.db (its -journal does not exist): three renames put back
     assert re.match(expected, str(failed.value)).group(1) == "3"
-    # everything as it was, except a -shm: the index of the -wal that SQLite rebuilds, not kept
-    assert _snapshot_tree(root) == {k: v for k, v in before.items() if not k.endswith("-shm")}
+    assert _snapshot_tree(root) == before
     assert count(root / "app.db") == 10  # read through its -wal
     monkeypatch.undo()
     out = bs.restore({"src": str(dest), "force": True, "force_running": True, "safety_copy": safety_copy})
@@ -811,6 +810,24 @@ def test_restore_unknown_owner_names_the_file_and_changes_nothing(backed_up):
     assert _snapshot_tree(root) == before
 
 
+def test_restore_never_overwrites_a_safety_copy(backed_up, monkeypatch):
+    """Two restores in the same second would give the same safety copy name: the second refuses
+    (and is undone) instead of overwriting the first one's copy of what it replaced."""
+    root, dest = backed_up[:2]
+    monkeypatch.setattr(bs, "_TS_FORMAT", "fixed")  # the stamp every restore uses here
+    make_db(root / "app.db", rows=10)
+    first_live = (root / "app.db").read_bytes()
+    out = bs.restore({"src": str(dest), "force": True})
+    copy = str(root / "app.db.pre-restore-fixed")
+    assert copy in out["safety_copies"] and open(copy, "rb").read() == first_live
+    make_db(root / "app.db", rows=10)
+    before = _snapshot_tree(root)
+    with pytest.raises(RunbookError, match=r"^%s: cannot keep a safety copy at %s: it exists already"
+                                           % (re.escape(str(root / "app.db")), re.escape(copy))):
+        bs.restore({"src": str(dest), "force": True})
+    assert _snapshot_tree(root) == before and open(copy, "rb").read() == first_live
+
+
 def test_restore_says_what_it_could_not_put_back(backed_up, monkeypatch):
     root, dest = backed_up[:2]
     make_db(root / "app.db", rows=10)
@@ -828,7 +845,7 @@ def test_restore_says_what_it_could_not_put_back(backed_up, monkeypatch):
 
 def _db_with_wal(path, rows):
     """A WAL database whose last ``rows`` rows are only in its -wal (copied while a connection
-    that never checkpoints held it, between transactions)."""
+    that never checkpoints held it, between transactions), and no -shm."""
     source = str(path) + ".source"
     conn = sqlite3.connect(source, isolation_level=None)
     try:
@@ -840,7 +857,7 @@ def _db_with_wal(path, rows):
         shutil.copyfile(source + "-wal", str(path) + "-wal")
     finally:
         conn.close()
-    for leftover in (source, source + "-wal", source + "-shm"):
+    for leftover in (source, source + "-wal", source + "-shm", str(path) + "-shm"):
         if os.path.exists(leftover):
             os.unlink(leftover)
 
