@@ -2539,25 +2539,27 @@ def _keep_old(pairs: list, opts: dict, undo: _Undo, temp_dir) -> None:
     """Give each existing path of ``pairs`` ((path, its safety copy's name or None), a file
     first, then its journals) a second name before it is replaced or removed: with
     ``safety_copy``, its safety copy (a hard link, so it costs no space; a copy where the file
-    system has no hard links); otherwise, or where no safety name is given, a hard link in
-    ``temp_dir(its directory)``, the run's temp directory there (or none where hard links fail:
-    then it cannot be put back)."""
+    system has no hard links; never over another file of that name); otherwise, or where no
+    safety name is given, a hard link in ``temp_dir(its directory)``, the run's temp directory
+    there (or none where hard links fail: then it cannot be put back)."""
     for path, safety_name in pairs:
         if not os.path.lexists(path):
             continue
         if opts["safety_copy"] and safety_name:
             kept = safety_name
-            if os.path.lexists(kept):  # a restore in the same second: never overwrite its safety copy
+            if _identity(kept) is None:
+                try:
+                    os.link(path, kept, follow_symlinks=False)  # the replaced inode lives on under the safety name
+                except OSError:
+                    try:
+                        shutil.copy2(path, kept, follow_symlinks=False)
+                    except OSError as exc:
+                        raise RunbookError("%s: cannot keep a safety copy at %s: %s"
+                                           % (path, kept, describe_oserror(exc))) from None
+            elif _identity(kept) != _identity(path):  # a restore in the same second: never overwrite its copy
                 raise RunbookError("%s: cannot keep a safety copy at %s: it exists already (run the restore "
                                    "again in a second)" % (path, kept))
-            try:
-                os.link(path, kept, follow_symlinks=False)  # the replaced inode lives on under the safety name
-            except OSError:
-                try:
-                    shutil.copy2(path, kept, follow_symlinks=False)
-                except OSError as exc:
-                    raise RunbookError("%s: cannot keep a safety copy at %s: %s"
-                                       % (path, kept, describe_oserror(exc))) from None
+            # else: a run killed before its swap left this very file under the name: it serves again
             undo.safety.append(kept)
         else:
             kept = os.path.join(temp_dir(os.path.dirname(path)), undo.keep_name())

@@ -826,6 +826,12 @@ def test_restore_never_overwrites_a_safety_copy(backed_up, monkeypatch):
                                            % (re.escape(str(root / "app.db")), re.escape(copy))):
         bs.restore({"src": str(dest), "force": True})
     assert _snapshot_tree(root) == before and open(copy, "rb").read() == first_live
+    # a run killed between its safety link and its swap left the live file itself under the name:
+    # the next run (in the same second) uses it as its safety copy
+    os.unlink(copy)
+    os.link(str(root / "app.db"), copy)
+    out = bs.restore({"src": str(dest), "force": True})
+    assert copy in out["safety_copies"] and count(copy) == 60 and count(root / "app.db") == 50
 
 
 def test_restore_says_what_it_could_not_put_back(backed_up, monkeypatch):
