@@ -2260,7 +2260,7 @@ class _RestoreJob:
                 continue
             parent = os.path.dirname(target)
             if parent not in self.temp_dirs:
-                self._makedirs(parent)
+                _make_missing_dirs(parent, self.created.append)
             temp = os.path.join(self._temp_dir(parent), "m%d" % index)
             extract_to[member["member"]] = Extraction(temp, target)
             self.staged.append((member, target, temp))
@@ -2283,18 +2283,6 @@ class _RestoreJob:
                 self._refuse_differing(target)
             if member["type"] == "database" and not self.opts["force_running"]:
                 refuse_if_in_use(target)
-
-    def _makedirs(self, directory: str) -> None:
-        missing = []
-        while directory and not os.path.isdir(directory):
-            missing.append(directory)
-            directory = os.path.dirname(directory)
-        for path in reversed(missing):
-            try:
-                os.mkdir(path, 0o700)
-            except OSError as exc:
-                raise RunbookError("%s: cannot create directory: %s" % (path, describe_oserror(exc))) from None
-            self.created.append(path)
 
     def check_extracted(self) -> None:
         """The SQLite check of each extracted database (verify_set's ``then``)."""
@@ -2510,18 +2498,18 @@ class _Undo:
             os.symlink(arg, path)
         elif _identity(path) == was:  # the failure came before this path was touched
             if arg is not None:
-                self._drop(arg)
+                os.unlink(arg)
+                self._forget(arg)
             return False
         elif arg is None:
             raise RunbookError("%s (the file system keeps no second name for it)" % path)
         else:
             os.replace(arg, path)
-            if arg in self.safety:
-                self.safety.remove(arg)
+            self._forget(arg)
         return True
 
-    def _drop(self, name: str) -> None:
-        os.unlink(name)
+    def _forget(self, name: str) -> None:
+        """``name`` is no safety copy any more (it was put back or dropped)."""
         if name in self.safety:
             self.safety.remove(name)
 
@@ -2547,7 +2535,8 @@ def _keep_old(pairs: list, opts: dict, undo: _Undo, temp_dir) -> None:
             continue
         if opts["safety_copy"] and safety_name:
             kept = safety_name
-            if _identity(kept) is None:
+            existing = _identity(kept)
+            if existing is None:
                 try:
                     os.link(path, kept, follow_symlinks=False)  # the replaced inode lives on under the safety name
                 except OSError:
@@ -2556,7 +2545,7 @@ def _keep_old(pairs: list, opts: dict, undo: _Undo, temp_dir) -> None:
                     except OSError as exc:
                         raise RunbookError("%s: cannot keep a safety copy at %s: %s"
                                            % (path, kept, describe_oserror(exc))) from None
-            elif _identity(kept) != _identity(path):  # a restore in the same second: never overwrite its copy
+            elif existing != _identity(path):  # a restore in the same second: never overwrite its copy
                 raise RunbookError("%s: cannot keep a safety copy at %s: it exists already (run the restore "
                                    "again in a second)" % (path, kept))
             # else: a run killed before its swap left this very file under the name: it serves again
@@ -2605,17 +2594,26 @@ def _replace(member: dict, target: str, temp: str, opts: dict, *, stamp: str, un
         raise RunbookError("%s: cannot put the restored file in place: %s" % (target, describe_oserror(exc))) from None
 
 
+def _make_missing_dirs(directory: str, made, shown: str | None = None) -> None:
+    """Create ``directory`` and its missing parents (0700), calling ``made(path)`` for each one
+    created, so the caller can remove them again. An error names ``shown`` if given, else the
+    directory that could not be made."""
+    missing = []
+    while directory and not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except OSError as exc:
+            raise RunbookError("%s: cannot create directory: %s" % (shown or path, describe_oserror(exc))) from None
+        made(path)
+
+
 def _make_dir(path: str, mode: int, undo: _Undo) -> None:
     """A directory member: made where missing (its missing parents too), then given its mode."""
-    missing = []
-    parent = path
-    while parent and not os.path.isdir(parent):
-        missing.append(parent)
-        parent = os.path.dirname(parent)
+    _make_missing_dirs(path, undo.new_dir, shown=path)
     try:
-        for directory in reversed(missing):
-            os.mkdir(directory, 0o700)
-            undo.new_dir(directory)
         os.chmod(path, mode)
     except OSError as exc:
         raise RunbookError("%s: cannot create directory: %s" % (path, describe_oserror(exc))) from None
